@@ -1,0 +1,79 @@
+"""Model checkpoints: `<dir>/<name>.json` (class + config) beside `<dir>/<name>.safetensors`.
+
+Loading rebuilds the model from its own config, so command-line defaults cannot drift from
+the weights. Weights are safetensors only: no pickle is ever loaded.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .vae import PyramidVAE, VAEConfig
+
+# class name in the json → (model class, config dataclass)
+MODELS: dict[str, tuple[type, type]] = {"PyramidVAE": (PyramidVAE, VAEConfig)}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not match its model."""
+
+
+def register(model_cls: type, config_cls: type) -> None:
+    MODELS[model_cls.__name__] = (model_cls, config_cls)
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, name: str, metadata: dict | None = None) -> None:
+    """Write `<name>.json` and `<name>.safetensors` (atomically: temp file, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    header = {"class": type(model).__name__, "config": dataclasses.asdict(model.cfg), "metadata": metadata or {}}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    _atomic(directory / f"{name}.json", lambda p: p.write_text(json.dumps(header, indent=2)))
+
+
+def read_header(directory: str | Path, name: str) -> dict:
+    path = Path(directory) / f"{name}.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (expected the model's config json here)")
+    try:
+        header = json.loads(path.read_text())
+        model_cls, config_cls = MODELS[header["class"]]
+        header["config_obj"] = config_cls(**header["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid mar3d model config ({type(e).__name__}: {e})") from e
+    header["model_cls"] = model_cls
+    return header
+
+
+def load_model(directory: str | Path, name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild `<name>` from its json and load its safetensors weights (strictly)."""
+    header = read_header(directory, name)
+    weights = Path(directory) / f"{name}.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (expected the model's weights here)")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({e})") from e
+    model = header["model_cls"](header["config_obj"])
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match {header['class']} "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: tensor shapes do not match the config in {name}.json ({e})") from e
+    return model.to(device).eval()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

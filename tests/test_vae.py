@@ -1,0 +1,106 @@
+import dataclasses
+
+import pytest
+import torch
+
+from mar3d.checkpoint import CheckpointError, load_model, save_model
+from mar3d.vae import PRESETS, PyramidVAE, VAEConfig
+
+MICRO = VAEConfig(width=32, heads=2, num_points=256, hr_tokens=32, lr_tokens=8, enc_layers=1, dec_layers=1,
+                  latent_dim=8, num_freqs=4)
+
+
+def test_token_sets_and_levels():
+    assert MICRO.level_sizes("hr") == [256, 64, 16]
+    assert MICRO.level_sizes("lr") == [64, 16, 4]
+    vae = PyramidVAE(MICRO)
+    surface = torch.randn(3, 300, 6)
+    assert vae.encode(surface, "hr").shape == (3, 32, 8)
+    assert vae.encode(surface, "lr").shape == (3, 8, 8)
+    # the decoder accepts any token count
+    for m in (1, 8, 32, 50):
+        features = vae.decode(torch.randn(2, m, 8))
+        assert vae.query(features, torch.rand(2, 17, 3)).shape == (2, 17)
+
+
+def test_encoder_reads_only_its_levels():
+    """HR tokens depend on the first N points only; LR tokens on the first N/4 only."""
+    vae = PyramidVAE(MICRO).eval()
+    surface = torch.randn(1, 300, 6)
+    changed = surface.clone()
+    changed[:, 256:] += 5.0   # beyond the HR levels
+    assert torch.equal(vae.encode(surface, "hr"), vae.encode(changed, "hr"))
+    changed[:, 64:256] += 5.0  # inside the finest HR level, beyond the LR levels
+    assert not torch.allclose(vae.encode(surface, "hr"), vae.encode(changed, "hr"))
+    assert torch.equal(vae.encode(surface, "lr"), vae.encode(changed, "lr"))
+
+
+def test_single_level_ablation_from_same_code():
+    single = PyramidVAE(dataclasses.replace(MICRO, num_levels=1))
+    pyramid = PyramidVAE(MICRO)
+    assert single.encode(torch.randn(2, 256, 6)).shape == (2, 32, 8)
+    assert len(single.level_attn) == 1 and len(pyramid.level_attn) == 3
+
+
+def test_too_few_points_is_a_clear_error():
+    with pytest.raises(ValueError, match="need 256 surface points"):
+        PyramidVAE(MICRO).encode(torch.randn(1, 100, 6))
+
+
+def test_kl_only_when_weighted():
+    x, q = torch.randn(2, 256, 6), torch.rand(2, 10, 3)
+    _, kl = PyramidVAE(MICRO)(x, q)
+    assert kl.item() == 0.0
+    vae = PyramidVAE(dataclasses.replace(MICRO, kl_weight=1e-3))
+    _, kl = vae(x, q)
+    assert kl.item() > 0.0
+    # sampling differs from the mean, and a generator makes it repeatable
+    mean = vae.encode(x)
+    a = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
+    b = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, mean)
+
+
+def test_paper_preset_builds_on_meta_device():
+    with torch.device("meta"):
+        vae = PyramidVAE(PRESETS["paper"])
+    n = sum(p.numel() for p in vae.parameters())
+    print(f"paper preset VAE: {n / 1e6:.1f} M parameters")
+    assert 100e6 < n < 300e6  # width 768, 8 + 16 layers
+    assert PRESETS["paper"].level_sizes("hr") == [8192, 2048, 512]
+
+
+def test_occupancy_fn_matches_batched_query():
+    vae = PyramidVAE(MICRO).eval()
+    lat = vae.encode(torch.randn(1, 256, 6))
+    pts = torch.rand(100, 3) * 2 - 1
+    fn = vae.occupancy_fn(lat)
+    with torch.no_grad():
+        ref = vae.query(vae.decode(lat), pts[None])[0]
+    torch.testing.assert_close(fn(pts), ref)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    vae = PyramidVAE(MICRO).eval()
+    save_model(vae, tmp_path, "vae", metadata={"note": "test"})
+    loaded = load_model(tmp_path, "vae")
+    assert loaded.cfg == MICRO
+    x = torch.randn(1, 256, 6)
+    torch.testing.assert_close(loaded.encode(x), vae.encode(x))
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"vae\.json: missing"):
+        load_model(tmp_path, "vae")
+    save_model(PyramidVAE(MICRO), tmp_path, "vae")
+    weights = tmp_path / "vae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match=r"vae\.safetensors: unreadable or truncated"):
+        load_model(tmp_path, "vae")
+    save_model(PyramidVAE(dataclasses.replace(MICRO, width=64)), tmp_path, "other")
+    (tmp_path / "vae.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="shapes do not match"):
+        load_model(tmp_path, "vae")
+    (tmp_path / "vae.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid mar3d model config"):
+        load_model(tmp_path, "vae")
