@@ -6,11 +6,13 @@ For each resolution: decoder queries, seconds (decode + marching cubes), the den
 ratios, and the Chamfer distance between the two meshes (mar3d.metrics protocol, not
 normalised). Prints a markdown table and machine info.
 
-The decode function comes from ``make_decode_fn(args)``: for now an analytic union of shapes
-(logit = -k * signed distance, positive inside); ``--cost-mlp`` also runs every query
-through a fixed Fourier-feature MLP (~2 us/query on 2 CPU threads, like the tiny VAE decoder
-in DESIGN §9) and adds 0 * its output, so timings reflect a network. A real VAE decoder can be
-plugged in by returning it from ``make_decode_fn``.
+The decode function comes from ``make_decode_fn(args)``:
+- ``--checkpoint DIR [--mesh PATH]``: the real Pyramid VAE decoder on the HR tokens of a mesh
+  (default: the shared spot.obj) — the number that matters;
+- otherwise an analytic union of shapes (logit = -k * signed distance, positive inside);
+  ``--cost-mlp`` also runs every query through a fixed Fourier-feature MLP (~2 us/query on
+  2 CPU threads, like the tiny VAE decoder in DESIGN §9) and adds 0 * its output, so timings
+  reflect a network.
 """
 
 from __future__ import annotations
@@ -29,33 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mar3d.extract import (DEFAULT_BAND, DEFAULT_COARSE, dense_grid,  # noqa: E402
                            grid_to_mesh, hierarchical_grid)
 from mar3d.metrics import compare_meshes  # noqa: E402
-
-
-def _sd_box(p, c, h):
-    q = (p - torch.tensor(c)).abs() - torch.tensor(h)
-    return q.clamp(min=0).norm(dim=1) + q.max(dim=1).values.clamp(max=0)
-
-
-def _sd_torus(p, c, big_r, r):
-    q = p - torch.tensor(c)
-    ring = torch.stack([q[:, 0], q[:, 2]], 1).norm(dim=1) - big_r
-    return torch.stack([ring, q[:, 1]], 1).norm(dim=1) - r
-
-
-def _sd_capsule(p, a, b, r):
-    a, b = torch.tensor(a), torch.tensor(b)
-    h = (((p - a) @ (b - a)) / ((b - a) @ (b - a))).clamp(0, 1)
-    return (p - a - h[:, None] * (b - a)).norm(dim=1) - r
+from mar3d.sdf import sd_box, sd_capsule, sd_torus  # noqa: E402
 
 
 def analytic_logits(p: torch.Tensor, slope: float = 100.0) -> torch.Tensor:
     """A chair-like union: seat, back, four thin legs, a torus ornament. Positive inside."""
-    parts = [_sd_box(p, [0.0, -0.05, 0.0], [0.55, 0.05, 0.5]),
-             _sd_box(p, [0.0, 0.45, -0.45], [0.55, 0.45, 0.04]),
-             _sd_torus(p, [0.0, 0.55, -0.45], 0.2, 0.04)]
+    parts = [sd_box(p, [0.0, -0.05, 0.0], [0.55, 0.05, 0.5]),
+             sd_box(p, [0.0, 0.45, -0.45], [0.55, 0.45, 0.04]),
+             sd_torus(p, [0.0, 0.55, -0.45], 0.2, 0.04)]
     for x in (-0.48, 0.48):
         for z in (-0.42, 0.42):
-            parts.append(_sd_capsule(p, [x, -0.9, z], [x, -0.1, z], 0.035))
+            parts.append(sd_capsule(p, [x, -0.9, z], [x, -0.1, z], 0.035))
     return -slope * torch.stack(parts).min(0).values
 
 
@@ -80,7 +66,15 @@ class CostMLP(torch.nn.Module):
 
 
 def make_decode_fn(args):
-    """Return decode_fn(points (M,3)) -> logits (M,). Plug a real VAE decoder in here."""
+    """Return decode_fn(points (M,3)) -> logits (M,)."""
+    if args.checkpoint:
+        from mar3d.checkpoint import load_model
+        from mar3d.geometry import load_mesh, normalize_mesh
+        from mar3d.reconstruct import encode_mesh
+
+        vae = load_model(args.checkpoint, "vae")
+        mesh = normalize_mesh(load_mesh(args.mesh))[0]
+        return vae.occupancy_fn(encode_mesh(vae, mesh, "hr"))
     if not args.cost_mlp:
         return analytic_logits
     mlp = CostMLP().eval()
@@ -104,6 +98,9 @@ def main() -> None:
     ap.add_argument("--band", type=float, default=DEFAULT_BAND)
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--cost-mlp", action="store_true", help="add a network-like per-query cost")
+    ap.add_argument("--checkpoint", help="directory with vae.json + vae.safetensors: bench the real decoder")
+    ap.add_argument("--mesh", default=str(Path(__file__).resolve().parents[2] / "shared/data/meshes/spot.obj"),
+                    help="mesh whose HR tokens the VAE decodes (with --checkpoint)")
     args = ap.parse_args()
     decode_fn = make_decode_fn(args)
     with torch.no_grad():  # warm-up: first calls allocate and spin up threads
@@ -120,7 +117,9 @@ def main() -> None:
         rows.append((r, q_d, q_h, t_d + mc_d, t_h + mc_h, cd, len(m_d.faces), len(m_h.faces),
                      int(((g_d > 0) != (g_h > 0)).sum())))
 
-    print(f"decoder: analytic union of shapes{' + cost MLP (width 192, 3 layers)' if args.cost_mlp else ''}; "
+    source = (f"Pyramid VAE {args.checkpoint} on the HR tokens of {Path(args.mesh).name}" if args.checkpoint else
+              f"analytic union of shapes{' + cost MLP (width 192, 3 layers)' if args.cost_mlp else ''}")
+    print(f"decoder: {source}; "
           f"hierarchical: coarse {args.coarse}, band {args.band}; chunk {args.chunk}")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, CPUs {os.cpu_count()}, "
           f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "

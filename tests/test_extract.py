@@ -5,35 +5,11 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from mar3d.sdf import sd_box, sd_capsule, sd_sphere, sd_torus, union
 from mar3d.extract import (ExtractionError, dense_grid, extract_mesh, grid_to_mesh,
                            hierarchical_grid, postprocess)
 
 CHUNK = 1 << 18  # larger chunks: the analytic fields are cheap, per-call overhead dominates
-
-
-def sd_sphere(p, c, r):
-    return (p - torch.tensor(c)).norm(dim=1) - r
-
-
-def sd_box(p, c, h):
-    q = (p - torch.tensor(c)).abs() - torch.tensor(h)
-    return q.clamp(min=0).norm(dim=1) + q.max(dim=1).values.clamp(max=0)
-
-
-def sd_torus(p, c, big_r, r):
-    q = p - torch.tensor(c)
-    ring = torch.stack([q[:, 0], q[:, 2]], 1).norm(dim=1) - big_r
-    return torch.stack([ring, q[:, 1]], 1).norm(dim=1) - r
-
-
-def sd_capsule(p, a, b, r):
-    a, b = torch.tensor(a), torch.tensor(b)
-    h = (((p - a) @ (b - a)) / ((b - a) @ (b - a))).clamp(0, 1)
-    return (p - a - h[:, None] * (b - a)).norm(dim=1) - r
-
-
-def union(*d):
-    return torch.stack(d).min(0).values
 
 
 def thin_shape(p):
