@@ -1,0 +1,395 @@
+"""Tests for mar3d.preprocess: loading any image, background removal, crop / pad / composite."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mar3d import preprocess as pp
+from mar3d.preprocess import ImageError, load_image, preprocess_image
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+
+
+def shared_image(name: str) -> Path:
+    path = IMAGES / name
+    if not path.exists():
+        pytest.skip(f"shared image not found: {path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_rembg_model(tmp_path, monkeypatch):
+    """Every test runs with an empty REMBG_HOME: rembg is never available, never imported."""
+    home = tmp_path / "rembg_home"
+    home.mkdir()
+    monkeypatch.setenv("REMBG_HOME", str(home))
+    return home
+
+
+def box_iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
+    return inter / (area(a) + area(b) - inter)
+
+
+def bbox_of(mask: np.ndarray):
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def disk(h=120, w=160, r=40, cx=70, cy=55) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r ** 2
+
+
+def png_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- real images
+
+
+def test_chair_photo_fallback_bbox():
+    path = shared_image("instantmesh_chair_wood.jpg")
+    result = preprocess_image(path)
+    assert result.method == "fallback"
+    # Independent reference: pixels clearly darker than the white background.
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    expected = bbox_of((rgb < 200).any(axis=2))
+    print("chair bbox: preprocess", result.bbox, "reference", expected)
+    assert box_iou(result.bbox, expected) >= 0.9
+    assert result.image.mode == "RGB" and result.image.size == (224, 224)
+
+
+def test_real_rgba_keeps_alpha_ratio_and_centre():
+    path = shared_image("gso_render_shoe.png")
+    src = Image.open(path)
+    assert src.mode == "RGBA" and np.asarray(src)[..., 3].min() < 255
+    result = preprocess_image(path, foreground_ratio=0.85, size=224)
+    assert result.method == "alpha"
+    assert result.bbox == bbox_of(np.asarray(src)[..., 3] > pp.ALPHA_MIN)
+    x0, y0, x1, y1 = bbox_of(np.asarray(result.rgba)[..., 3] > 127)
+    assert abs(max(x1 - x0, y1 - y0) / 224 - 0.85) <= 0.03
+    assert abs((x0 + x1) / 2 - 112) <= 2 and abs((y0 + y1) / 2 - 112) <= 2
+
+
+@pytest.mark.parametrize("ratio,size", [(0.85, 224), (0.5, 128), (1.0, 64)])
+def test_synthetic_rgba_ratio_and_centre(ratio, size):
+    # A red ellipse, 150×60 px, off-centre in a 300×200 RGBA with green under the transparency.
+    yy, xx = np.mgrid[:200, :300]
+    inside = ((xx - 100) / 75) ** 2 + ((yy - 60) / 30) ** 2 <= 1
+    rgba = np.zeros((200, 300, 4), np.uint8)
+    rgba[..., 1] = 255
+    rgba[inside] = (220, 0, 0, 255)
+    result = preprocess_image(rgba, foreground_ratio=ratio, size=size)
+    assert result.method == "alpha"
+    out = np.asarray(result.image).astype(int)
+    assert out.shape == (size, size, 3)
+    assert not ((out[..., 1] > 100) & (out[..., 0] < 100)).any()  # no green leaks out
+    x0, y0, x1, y1 = bbox_of(np.abs(out - 255).max(axis=2) > 40)
+    assert abs(max(x1 - x0, y1 - y0) / size - ratio) <= 0.03
+    assert abs((x0 + x1) / 2 - size / 2) <= 2 and abs((y0 + y1) / 2 - size / 2) <= 2
+
+
+def test_alpha_used_as_is():
+    # 64×64 object: left half opaque red, right half alpha 128; outside transparent green.
+    rgba = np.zeros((100, 100, 4), np.uint8)
+    rgba[..., 1] = 255
+    rgba[18:82, 18:82] = (255, 0, 0, 255)
+    rgba[18:82, 50:82, 3] = 128
+    # Ratio 1 and size 64: no resampling, so the composite is exact.
+    result = preprocess_image(rgba, foreground_ratio=1.0, size=64)
+    assert result.method == "alpha" and result.bbox == (18, 18, 82, 82)
+    out = np.asarray(result.image).astype(int)
+    assert (out[:, :32] == (255, 0, 0)).all()
+    assert np.abs(out[:, 32:] - (255, 127, 127)).max() <= 1
+    assert (np.asarray(result.rgba)[:, 32:, 3] == 128).all()
+
+
+# ---------------------------------------------------------------- modes and input types
+
+
+def _mode_images():
+    obj = disk()
+    gray = np.where(obj, 40, 255).astype(np.uint8)
+    rgb = np.stack([np.where(obj, 200, 255), np.where(obj, 60, 255), np.where(obj, 20, 255)], -1)
+    rgb = Image.fromarray(rgb.astype(np.uint8))
+    la = Image.fromarray(np.stack([gray, np.where(obj, 255, 0).astype(np.uint8)], -1))
+    p = Image.new("P", (160, 120))
+    p.putpalette([255, 255, 255, 30, 90, 160] + [0] * 762)
+    p.putdata(np.where(obj, 1, 0).astype(np.uint8).ravel().tolist())
+    p.info["transparency"] = 0
+    return {
+        "L": (Image.fromarray(gray), "fallback"),
+        "LA": (la, "alpha"),
+        "P+transparency": (Image.open(io.BytesIO(png_bytes(p))), "alpha"),
+        "CMYK": (rgb.convert("CMYK"), "fallback"),
+        "1": (Image.fromarray(~obj), "fallback"),
+        "RGB bytes": (png_bytes(rgb), "fallback"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_mode_images()))
+def test_modes_give_square_rgb(name):
+    image, method = _mode_images()[name]
+    if hasattr(image, "mode"):
+        assert image.mode == name.split("+")[0]
+    result = preprocess_image(image, size=96)
+    assert result.method == method
+    assert result.image.mode == "RGB" and result.image.size == (96, 96)
+    assert result.rgba.mode == "RGBA" and result.rgba.size == (96, 96)
+    assert box_iou(result.bbox, bbox_of(disk())) >= 0.95
+
+
+def test_16bit_disk_is_scaled_not_clipped():
+    # Radial 16-bit gradient disk (0 at the centre, 40000 at the rim) on a 65535 background.
+    yy, xx = np.mgrid[:120, :160]
+    r = np.hypot(xx - 70, yy - 55)
+    img16 = np.where(r <= 40, r / 40 * 40000, 65535).astype(np.uint16)
+    im = Image.fromarray(img16)
+    assert im.mode == "I;16"
+    loaded = np.asarray(load_image(Image.open(io.BytesIO(png_bytes(im)))))
+    assert np.abs(loaded[..., 0].astype(int) - np.round(img16 / 257)).max() <= 1
+    result = preprocess_image(im, size=96)
+    assert result.method == "fallback"
+    assert box_iou(result.bbox, bbox_of(r <= 40)) >= 0.95
+    out = np.asarray(result.image.convert("L"))
+    assert out[48, 48] < 10  # the dark centre survived
+    assert len(np.unique(out)) > 50  # a gradient, not a clipped white/black image
+
+
+def test_animated_gif_uses_first_frame():
+    a = np.full((80, 120), 255, np.uint8)
+    b = a.copy()
+    a[20:60, 10:40] = 0  # frame 1: square on the left
+    b[20:60, 80:110] = 0  # frame 2: square on the right
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "GIF", save_all=True, append_images=[Image.fromarray(b)],
+                            duration=100)
+    gif = Image.open(io.BytesIO(buf.getvalue()))
+    assert gif.n_frames == 2
+    gif.seek(1)
+    result = preprocess_image(gif, size=64)
+    assert result.bbox == (10, 20, 40, 60)
+    assert result.image.size == (64, 64) and result.image.mode == "RGB"
+
+
+def test_numpy_inputs():
+    u16 = np.full((10, 12, 3), 65535, np.uint16)
+    u16[0, 0] = (0, 32768, 65535)
+    assert tuple(np.asarray(load_image(u16))[0, 0]) == (0, 128, 255, 255)
+    f = np.zeros((10, 12), np.float32)
+    f[1, 1] = 0.5
+    assert tuple(np.asarray(load_image(f))[1, 1]) == (128, 128, 128, 255)
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[2, 3] = (1, 2, 3, 4)
+    assert tuple(np.asarray(load_image(rgba))[2, 3]) == (1, 2, 3, 4)
+    with pytest.raises(ImageError, match="must be"):
+        load_image(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_exif_orientation_applied():
+    im = Image.new("RGB", (40, 20), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90°
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (20, 40)
+
+
+def test_background_none_uses_whole_image():
+    rgb = np.full((50, 70, 3), 255, np.uint8)
+    rgb[10:20, 10:20] = 0
+    result = preprocess_image(rgb, background="none", size=32)
+    assert result.method == "none" and result.bbox == (0, 0, 70, 50)
+    assert result.image.size == (32, 32)
+
+
+def test_remove_on_rgba_uses_fallback_and_keeps_transparency():
+    rgba = np.zeros((100, 100, 4), np.uint8)
+    rgba[20:80, 20:80] = (0, 0, 200, 255)  # blue square, opaque
+    rgba[20:80, 60:80, 3] = 0  # its right part made transparent
+    result = preprocess_image(rgba, background="remove", size=64)
+    assert result.method == "fallback"
+    assert result.bbox == (20, 20, 60, 80)
+
+
+def test_huge_image_is_downscaled_and_bbox_mapped_back():
+    rgb = np.full((600, 800, 3), 255, np.uint8)
+    rgb[100:300, 200:500] = (10, 120, 30)
+    loaded = load_image(rgb, max_pixels=30_000)
+    assert loaded.width * loaded.height <= 30_000
+    assert abs(loaded.width / loaded.height - 800 / 600) < 0.05
+    result = preprocess_image(rgb, max_pixels=30_000, size=64)
+    assert all(abs(a - b) <= 5 for a, b in zip(result.bbox, (200, 100, 500, 300))), result.bbox
+
+
+# ---------------------------------------------------------------- rembg selection
+
+
+def test_rembg_chosen_only_when_model_file_exists(no_rembg_model, monkeypatch):
+    calls = []
+
+    def fake_remover(path):
+        calls.append(path)
+        # A stand-in for rembg: dark pixels are the object.
+        return lambda rgb: Image.fromarray(np.where(np.asarray(rgb.convert("L")) < 128, 255, 0)
+                                           .astype(np.uint8))
+
+    monkeypatch.setattr(pp, "_rembg_remover", fake_remover)
+    rgb = np.full((60, 60, 3), 255, np.uint8)
+    rgb[10:30, 20:50] = 0
+    assert preprocess_image(rgb, size=32).method == "fallback" and not calls
+
+    (no_rembg_model / "u2net.onnx").write_bytes(b"placeholder")
+    result = preprocess_image(rgb, size=32)
+    assert result.method == "rembg" and result.bbox == (20, 10, 50, 30)
+    assert calls == [str(no_rembg_model / "u2net.onnx")]
+
+    rgba = np.dstack([rgb, np.where(rgb[..., 0] < 128, 255, 0).astype(np.uint8)])
+    assert preprocess_image(rgba, size=32).method == "alpha"  # auto keeps the alpha channel
+    assert preprocess_image(rgba, background="remove", size=32).method == "rembg"
+    assert preprocess_image(rgb, size=32, rembg_model="u2netp").method == "fallback"
+
+
+def test_no_model_never_imports_rembg_nor_downloads(tmp_path):
+    home = tmp_path / "home"
+    (home / "rembg").mkdir(parents=True)
+    script = (
+        "import socket, sys, numpy as np\n"
+        "def refuse(*a, **k): raise RuntimeError('network access attempted')\n"
+        "socket.socket.connect = refuse; socket.create_connection = refuse\n"
+        "from mar3d.preprocess import preprocess_image\n"
+        "rgb = np.full((64, 64, 3), 255, np.uint8); rgb[10:40, 20:50] = 0\n"
+        "for bg in ('auto', 'remove'):\n"
+        "    assert preprocess_image(rgb, background=bg).method == 'fallback'\n"
+        "print('rembg' in sys.modules)\n"
+    )
+    env = dict(os.environ, HOME=str(home), REMBG_HOME=str(home / "rembg"), PYTHONPATH=str(REPO))
+    env.pop("U2NET_HOME", None)
+    env.pop("XDG_DATA_HOME", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert [p.relative_to(home).as_posix() for p in home.rglob("*")] == ["rembg"]  # nothing written
+
+
+def test_rembg_model_name_is_checked():
+    with pytest.raises(ValueError, match="model name"):
+        pp.rembg_model_path("../evil")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_not_an_image():
+    with pytest.raises(ImageError, match="not an image"):
+        preprocess_image(b"this is certainly not a PNG file")
+
+
+def test_truncated_png():
+    data = shared_image("triposr_chair.png").read_bytes()
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        preprocess_image(data[: len(data) // 2])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        preprocess_image(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("source", [Image.new("RGB", (0, 0)), np.zeros((0, 5, 3), np.uint8)])
+def test_empty_image(source):
+    with pytest.raises(ImageError, match="empty"):
+        preprocess_image(source)
+
+
+def test_fully_transparent_image():
+    im = Image.new("RGBA", (50, 40), (255, 0, 0, 0))
+    assert load_image(im).size == (50, 40)  # not an error when loading
+    with pytest.raises(ImageError, match="no object found: the image is fully transparent"):
+        preprocess_image(im)
+
+
+def test_plain_image_has_no_object():
+    rng = np.random.default_rng(0)
+    noisy_white = np.clip(250 + rng.normal(0, 2, (60, 80, 3)), 0, 255).astype(np.uint8)
+    with pytest.raises(ImageError, match="no object found"):
+        preprocess_image(noisy_white)
+
+
+def test_decompression_bomb(monkeypatch):
+    data = png_bytes(Image.new("L", (100, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="too large"):
+        preprocess_image(data)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"background": "magic"}, "background must be"),
+    ({"foreground_ratio": 0.05}, "foreground_ratio"),
+    ({"foreground_ratio": 1.5}, "foreground_ratio"),
+    ({"size": 8}, "size"),
+    ({"size": 4096}, "size"),
+    ({"size": 100.5}, "size"),
+    ({"bg_color": (0, 0, 300)}, "bg_color"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        preprocess_image(np.zeros((8, 8, 3), np.uint8), **kwargs)
+    assert not isinstance(info.value, ImageError)
+
+
+# ---------------------------------------------------------------- property
+
+
+@st.composite
+def random_images(draw):
+    w, h = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    mode = draw(st.sampled_from(["RGB", "RGBA", "L", "P"]))
+    kind = draw(st.sampled_from(["noise", "constant", "rectangle"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    channels = 4 if mode == "RGBA" else 3
+    if kind == "noise":
+        a = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    else:
+        a = np.empty((h, w, channels), np.uint8)
+        a[:] = rng.integers(0, 256, channels, dtype=np.uint8)
+        if kind == "rectangle":
+            x0, y0 = rng.integers(0, w), rng.integers(0, h)
+            y1, x1 = rng.integers(y0, h) + 1, rng.integers(x0, w) + 1
+            a[y0:y1, x0:x1] = rng.integers(0, 256, channels)
+    im = Image.fromarray(a)
+    if mode == "L":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    background = draw(st.sampled_from(["auto", "remove", "none"]))
+    return im, background, draw(st.sampled_from([16, 64, 224]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(random_images())
+def test_property_square_rgb_or_image_error(case):
+    im, background, size = case
+    try:
+        result = preprocess_image(im, background=background, size=size)
+    except ImageError:
+        return
+    assert result.image.mode == "RGB" and result.image.size == (size, size)
+    x0, y0, x1, y1 = result.bbox
+    assert 0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height
