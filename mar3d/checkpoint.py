@@ -13,18 +13,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .mar import MAR, MARConfig
 from .vae import PyramidVAE, VAEConfig
 
 # class name in the json → (model class, config dataclass)
-MODELS: dict[str, tuple[type, type]] = {"PyramidVAE": (PyramidVAE, VAEConfig)}
+MODELS: dict[str, tuple[type, type]] = {"PyramidVAE": (PyramidVAE, VAEConfig), "MAR": (MAR, MARConfig)}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not match its model."""
-
-
-def register(model_cls: type, config_cls: type) -> None:
-    MODELS[model_cls.__name__] = (model_cls, config_cls)
 
 
 def save_model(model: torch.nn.Module, directory: str | Path, name: str, metadata: dict | None = None) -> None:
@@ -32,7 +29,8 @@ def save_model(model: torch.nn.Module, directory: str | Path, name: str, metadat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     header = {"class": type(model).__name__, "config": dataclasses.asdict(model.cfg), "metadata": metadata or {}}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    skip = _frozen(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}
     _atomic(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
     _atomic(directory / f"{name}.json", lambda p: p.write_text(json.dumps(header, indent=2)))
 
@@ -62,15 +60,21 @@ def load_model(directory: str | Path, name: str, device: str | torch.device = "c
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({e})") from e
     model = header["model_cls"](header["config_obj"])
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    expected = {k for k in model.state_dict() if not k.startswith(_frozen(model))}
+    missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise CheckpointError(f"{weights}: does not match {header['class']} "
                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=False)  # key sets were checked above
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: tensor shapes do not match the config in {name}.json ({e})") from e
     return model.to(device).eval()
+
+
+def _frozen(model: torch.nn.Module) -> tuple[str, ...]:
+    """Prefixes of weights that load from their own files (e.g. a frozen pretrained image encoder)."""
+    return model.frozen_state_prefixes() if hasattr(model, "frozen_state_prefixes") else ()
 
 
 def _atomic(path: Path, write) -> None:

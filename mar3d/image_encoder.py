@@ -145,6 +145,9 @@ class ImageEncoder(nn.Module):
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, mlp_ratio=4,
         )
         self.vit = Dinov2Model(vit_cfg)
+        # DINOv2's mask token (for masked-image pretraining) is never used here; frozen, it
+        # does not leave DDP waiting for a gradient that never comes.
+        self.vit.embeddings.mask_token.requires_grad_(False)
         self.size = cfg.image_size
         self.trainable = True
         self.num_tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2  # CLS + patches

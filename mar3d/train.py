@@ -29,8 +29,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .cache import load_cache
 from .checkpoint import _atomic, save_model
-from .data import ShapeBank, split_files
+from .data import ShapeBank, is_held_out, split_files
+from .mar import PRESETS as MAR_PRESETS
+from .mar import MAR, MARConfig
 from .vae import PRESETS as VAE_PRESETS
 from .vae import PyramidVAE, VAEConfig
 
@@ -99,6 +102,9 @@ class VAETask:
         self.val_is_train = not val_files
         self.train_probe = ShapeBank(train_files[:: max(1, len(train_files) // 32)][:32], model_cfg.num_points)
 
+    def __len__(self) -> int:
+        return len(self.train)
+
     def build_model(self) -> PyramidVAE:
         return PyramidVAE(self.model_cfg)
 
@@ -138,7 +144,60 @@ def occupancy_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-TASKS = {"vae": VAETask}
+class MARTask:
+    """MAR-LR or MAR-HR on a latent cache (mar3d.cache): images → normalised VAE tokens."""
+
+    name, stage = "mar_lr", "lr"
+    presets = MAR_PRESETS
+
+    def __init__(self, model_cfg: MARConfig, cfg: TrainConfig, data_dir: str):
+        self.cfg = cfg
+        data, meta = load_cache(data_dir)
+        # sizes and normalisation come from the data: a MAR is tied to the VAE that made its tokens
+        self.model_cfg = dataclasses.replace(
+            model_cfg, seq_len=data[self.stage].shape[1], token_dim=data[self.stage].shape[2],
+            lr_seq_len=data["lr"].shape[1] if self.stage == "hr" else 0,
+            latent_shift=meta["latent_shift"], latent_scale=meta["latent_scale"])
+        held_out = torch.tensor([is_held_out(n.split("/")[0], cfg.val_percent) for n in meta["names"]])
+        norm = lambda x: (x - meta["latent_shift"]) / meta["latent_scale"]  # noqa: E731
+        self.images, self.tokens, self.lr = data["images"], norm(data[self.stage]), norm(data["lr"])
+        self.train_idx = torch.nonzero(~held_out).flatten()
+        self.val_idx = torch.nonzero(held_out).flatten()
+        if len(self.val_idx) == 0:
+            self.val_idx = self.train_idx[:8]
+        self.probe_idx = self.train_idx[:: max(1, len(self.train_idx) // 32)][:32]
+
+    def __len__(self) -> int:
+        return len(self.train_idx)
+
+    def build_model(self) -> MAR:
+        return MAR(self.model_cfg)
+
+    def batch(self, idx: torch.Tensor, device) -> tuple:
+        images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)  # (B, 3, H, W)
+        lr = self.lr[idx].to(device) if self.stage == "hr" else None
+        return self.tokens[idx].to(device), images, lr
+
+    def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        idx = self.train_idx[torch.randint(len(self.train_idx), (batch_size,), generator=generator)]
+        return model(*self.batch(idx, device)), {}
+
+    @torch.no_grad()
+    def evaluate(self, model: MAR, device) -> dict:
+        """Conditional diffusion loss (fixed noise) on held-out and on training entries."""
+        out = {}
+        for split, idx in (("val", self.val_idx), ("train", self.probe_idx)):
+            torch.manual_seed(0)
+            losses = [model(*self.batch(idx[s: s + 16], device)).item() for s in range(0, len(idx), 16)]
+            out[f"{split}_loss"] = round(sum(losses) / len(losses), 5)
+        return out
+
+
+class MARHRTask(MARTask):
+    name, stage = "mar_hr", "hr"
+
+
+TASKS = {"vae": VAETask, "mar_lr": MARTask, "mar_hr": MARHRTask}
 
 
 # --------------------------------------------------------------------------- engine
@@ -227,7 +286,7 @@ def train(task_name: str, model_cfg, cfg: TrainConfig, data_dir: str, out_dir: s
     log = Logger(out / "log.jsonl", enabled=rank == 0, truncate_after=start)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"[{task_name}] {n_params / 1e6:.2f} M parameters, {len(task.train)} train shapes, "
+        print(f"[{task_name}] {n_params / 1e6:.2f} M parameters, {len(task)} training entries, "
               f"{world} rank(s), start at step {start}/{cfg.steps}", flush=True)
     t0, last = time.time(), {}
     step = start

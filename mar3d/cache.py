@@ -1,0 +1,69 @@
+"""Training data of MAR: condition images with the VAE tokens of their shapes, in one file.
+
+    <dir>/latents.safetensors
+        images  uint8 (S, H, W, 3)   preprocessed condition images (mar3d.preprocess)
+        lr      float (S, L_lr, C)   VAE posterior means of the LR token set
+        hr      float (S, L_hr, C)   ... of the HR token set
+        metadata: names (json list, "<shape>/<view>"), latent_shift, latent_scale
+
+One entry per (shape, view): a view may rotate the shape into the camera's frame, so its
+tokens are its own. The held-out split is by shape (the part of the name before "/").
+"""
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .preprocess import preprocess_image
+
+CACHE_FILE = "latents.safetensors"
+
+
+@torch.no_grad()
+def build_cache(vae, items: Iterable[tuple[str, np.ndarray, object]], out_dir: str | Path, image_size: int,
+                background: str = "auto", foreground_ratio: float = 0.85, batch: int = 32) -> dict:
+    """Encode (name, surface (N, 6) FPS-ordered, image) items; write the cache; return its summary."""
+    names, images, lr, hr, pending = [], [], [], [], []
+
+    def flush():
+        surface = torch.from_numpy(np.stack([p[1] for p in pending])).float()
+        lr.append(vae.encode(surface, "lr"))
+        hr.append(vae.encode(surface, "hr"))
+        pending.clear()
+
+    for name, surface, image in items:
+        names.append(name)
+        images.append(np.asarray(preprocess_image(image, background, foreground_ratio, size=image_size).image))
+        pending.append((name, surface[: vae.cfg.num_points]))
+        if len(pending) == batch:
+            flush()
+    if pending:
+        flush()
+    if not names:
+        raise ValueError("build_cache got no items")
+    lr, hr = torch.cat(lr), torch.cat(hr)
+    both = torch.cat([lr.flatten(), hr.flatten()])
+    meta = {"names": json.dumps(names), "latent_shift": str(both.mean().item()), "latent_scale": str(both.std().item())}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"images": torch.from_numpy(np.stack(images)), "lr": lr.contiguous(), "hr": hr.contiguous()},
+              str(out / CACHE_FILE), metadata=meta)
+    return {"entries": len(names), "lr": tuple(lr.shape), "hr": tuple(hr.shape),
+            "latent_shift": float(meta["latent_shift"]), "latent_scale": float(meta["latent_scale"])}
+
+
+def load_cache(data_dir: str | Path) -> tuple[dict, dict]:
+    """(tensors, metadata with names as a list and the normalisation as floats)."""
+    path = Path(data_dir) / CACHE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no latent cache; build one with mar3d.cache.build_cache")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    meta["names"] = json.loads(meta["names"])
+    meta["latent_shift"], meta["latent_scale"] = float(meta["latent_shift"]), float(meta["latent_scale"])
+    return load_file(str(path)), meta

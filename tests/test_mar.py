@@ -1,0 +1,133 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mar3d.cache import build_cache, load_cache
+from mar3d.checkpoint import load_model, save_model
+from mar3d.image_encoder import ImageEncoderConfig
+from mar3d.mar import MAR, MARConfig
+from mar3d.train import TrainConfig, occupancy_iou, train
+from tests.conftest import SHARED, write_synthetic_shape
+from tests.test_vae import MICRO as MICRO_VAE
+
+ENC = ImageEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2)
+MICRO = MARConfig(seq_len=8, token_dim=8, width=64, heads=2, enc_layers=1, dec_layers=1, diff_width=64,
+                  diff_depth=2, image_encoder=ENC)
+MICRO_HR = dataclasses.replace(MICRO, seq_len=32, lr_seq_len=8)
+
+
+def images(b=2, size=32):
+    return torch.rand(b, 3, size, size)
+
+
+def test_training_loss_and_gradients():
+    """The loss reaches the image encoder (once the zero-initialised head has moved off zero)."""
+    for cfg in (MICRO, MICRO_HR):
+        torch.manual_seed(0)
+        mar = MAR(cfg)
+        opt = torch.optim.AdamW(mar.parameters(), lr=1e-3)
+        lr = torch.randn(2, 8, 8) if cfg.lr_seq_len else None
+        for _ in range(3):
+            opt.zero_grad()
+            loss = mar(torch.randn(2, cfg.seq_len, 8), images(), lr)
+            assert loss.ndim == 0 and torch.isfinite(loss)
+            loss.backward()
+            opt.step()
+        assert mar.image_encoder.vit.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+        assert mar.fake_prefix.grad is not None
+    with pytest.raises(ValueError, match="LR tokens"):
+        MAR(MICRO_HR)(torch.randn(2, 32, 8), images())
+
+
+def test_encoder_ignores_masked_token_values():
+    """Masked positions reach the decoder as mask tokens only: their values cannot leak."""
+    mar = MAR(MICRO).eval()
+    tokens, prefix = torch.randn(2, 8, 8), mar.condition(images())
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, [1, 4, 6]] = True
+    z = mar.decode(mar.encode(tokens, prefix, mask), mask)
+    changed = tokens.clone()
+    changed[mask] += 10.0
+    torch.testing.assert_close(mar.decode(mar.encode(changed, prefix, mask), mask), z)
+    changed[0, 0] += 10.0  # a visible token does matter
+    assert not torch.allclose(mar.decode(mar.encode(changed, prefix, mask), mask), z)
+
+
+def test_sampling_is_seeded_and_reports_progress():
+    mar = MAR(MICRO_HR).eval()
+    lr = torch.randn(2, 8, 8)
+    calls = []
+    a = mar.sample(images(), lr, steps=4, cfg=2.0, diffusion_steps=10, generator=torch.Generator().manual_seed(0),
+                   progress=lambda s, n: calls.append((s, n)))
+    assert a.shape == (2, 32, 8) and torch.isfinite(a).all()
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    x = images()
+    s1 = mar.sample(x, lr, steps=4, diffusion_steps=10, generator=torch.Generator().manual_seed(5))
+    s2 = mar.sample(x, lr, steps=4, diffusion_steps=10, generator=torch.Generator().manual_seed(5))
+    s3 = mar.sample(x, lr, steps=4, diffusion_steps=10, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(s1, s2) and not torch.allclose(s1, s3)
+    # more steps than tokens is clamped, cfg = 1 skips the unconditional pass
+    assert MAR(MICRO).eval().sample(images(), steps=50, cfg=1.0, diffusion_steps=5).shape == (2, 8, 8)
+
+
+def test_checkpoint_round_trip_keeps_nested_encoder_config(tmp_path):
+    mar = MAR(dataclasses.replace(MICRO, latent_shift=0.3, latent_scale=2.0)).eval()
+    save_model(mar, tmp_path, "mar_lr")
+    loaded = load_model(tmp_path, "mar_lr")
+    assert loaded.cfg == mar.cfg and isinstance(loaded.cfg.image_encoder, ImageEncoderConfig)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x = images()
+    torch.testing.assert_close(loaded.sample(x, steps=2, diffusion_steps=5, generator=g()),
+                               mar.sample(x, steps=2, diffusion_steps=5, generator=g()))
+
+
+@pytest.fixture(scope="module")
+def two_shapes(tmp_path_factory):
+    """A sphere and a box, a micro VAE trained on them, and a latent cache pairing each with an image."""
+    root = tmp_path_factory.mktemp("two")
+    rng = np.random.default_rng(1)
+    (root / "prepared").mkdir()
+    while len(list((root / "prepared").glob("*.npz"))) < 2:  # one sphere, one box
+        write_synthetic_shape(root / "prepared" / "tmp.npz", rng, n_surface=256, n_pool=8192)
+        kind = "sphere" if np.load(root / "prepared" / "tmp.npz")["surface"][0, 3:].round(6).tolist().count(0.0) < 2 else "box"
+        (root / "prepared" / "tmp.npz").rename(root / "prepared" / f"{kind}.npz")
+    cfg = TrainConfig(steps=400, batch_size=8, lr=2e-3, warmup=20, queries=512, log_every=400, eval_every=400,
+                      save_every=400, val_percent=0.0, threads=2)
+    train("vae", MICRO_VAE, cfg, root / "prepared", root / "vae")
+    vae = load_model(root / "vae", "vae")
+    pics = [SHARED / "images" / "instantmesh_chair_wood.jpg", SHARED / "images" / "triposr_flamingo.png"]
+    if not all(p.exists() for p in pics):
+        pytest.skip("shared images not found")
+    names = ["box", "sphere"]
+    items = [(f"{n}/0", np.load(root / "prepared" / f"{n}.npz")["surface"], p) for n, p in zip(names, pics)]
+    build_cache(vae, items, root / "cache", image_size=32)
+    return root, vae, names
+
+
+@pytest.mark.slow
+def test_mar_lr_overfits_two_shapes_and_follows_the_image(two_shapes):
+    root, vae, names = two_shapes
+    data, meta = load_cache(root / "cache")
+    assert data["images"].shape == (2, 32, 32, 3) and data["lr"].shape == (2, 8, 8)
+    cfg = TrainConfig(steps=1500, batch_size=8, lr=2e-3, warmup=30, log_every=500, eval_every=1500,
+                      save_every=1500, val_percent=0.0, threads=2)
+    last = train("mar_lr", dataclasses.replace(MICRO, cond_drop=0.1), cfg, root / "cache", root / "mar_lr")
+    print("MAR-LR:", last)
+    mar = load_model(root / "mar_lr", "mar_lr")
+    assert mar.cfg.latent_scale == pytest.approx(meta["latent_scale"])
+    pics = data["images"].permute(0, 3, 1, 2).float() / 255
+    tokens = mar.sample(pics, steps=4, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    latents = mar.denormalize(tokens)
+    shapes = [np.load(root / "prepared" / f"{n}.npz") for n in names]
+    points = torch.from_numpy(np.stack([s["uniform_points"][:4096] for s in shapes])).float()
+    labels = torch.from_numpy(np.stack([s["uniform_labels"][:4096] for s in shapes]))
+    with torch.no_grad():
+        features = vae.decode(latents)  # (2, L, D)
+        # IoU of sample i's occupancy with shape j's, on shape j's labelled points
+        iou = [[occupancy_iou(vae.query(features[i:i + 1], points[j:j + 1]) > 0, labels[j:j + 1]).item()
+                for j in range(2)] for i in range(2)]
+    print("IoU(sample i, shape j):", iou)
+    assert iou[0][0] > iou[0][1] and iou[1][1] > iou[1][0]
+    assert min(iou[0][0], iou[1][1]) > 0.4
