@@ -8,10 +8,10 @@ everything else: AdamW, warm-up + cosine learning rate, EMA, gradient clipping, 
 autocast, logging, checkpoints and resuming. Every random draw of step s on rank r comes
 from a seed derived from (seed, s, r), so a resumed run repeats an uninterrupted one exactly.
 
-Output directory:
+Output directory (one directory can hold the whole cascade: vae, mar_lr, mar_hr):
     <name>.json + <name>.safetensors   EMA weights + model config (what inference loads)
-    train_state.safetensors            raw weights, EMA, optimizer moments; step in its metadata
-    log.jsonl                          one json object per logged step / evaluation
+    <name>.state.safetensors           raw weights, EMA, optimizer moments; step in its metadata
+    <name>.log.jsonl                   one json object per logged step / evaluation
 """
 
 import argparse
@@ -222,7 +222,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def save_state(out: Path, model, ema, opt, step: int) -> None:
+def save_state(path: Path, model, ema, opt, step: int) -> None:
     """Everything needed to resume, in one safetensors file (step in its metadata)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
@@ -230,14 +230,13 @@ def save_state(out: Path, model, ema, opt, step: int) -> None:
         tensors |= {f"opt.{i}.{k}": v for k, v in state.items()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"step": str(step)}
-    _atomic(out / "train_state.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
+    _atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-def load_state(out: Path, model, ema, opt) -> int:
-    """Restore from train_state.safetensors; returns the step to continue from."""
+def load_state(path: Path, model, ema, opt) -> int:
+    """Restore a train state written by save_state; returns the step to continue from."""
     from safetensors import safe_open
 
-    path = out / "train_state.safetensors"
     with safe_open(str(path), "pt") as f:
         step = int(f.metadata()["step"])
     tensors = load_file(str(path))
@@ -277,13 +276,14 @@ def train(task_name: str, model_cfg, cfg: TrainConfig, data_dir: str, out_dir: s
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, cfg)
     start = 0
-    if resume and (out / "train_state.safetensors").exists():
-        start = load_state(out, model, ema, opt)
+    state_path = out / f"{task.name}.state.safetensors"
+    if resume and state_path.exists():
+        start = load_state(state_path, model, ema, opt)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} ranks")
 
-    log = Logger(out / "log.jsonl", enabled=rank == 0, truncate_after=start)
+    log = Logger(out / f"{task.name}.log.jsonl", enabled=rank == 0, truncate_after=start)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[{task_name}] {n_params / 1e6:.2f} M parameters, {len(task)} training entries, "
@@ -319,7 +319,7 @@ def train(task_name: str, model_cfg, cfg: TrainConfig, data_dir: str, out_dir: s
             last = {"step": step, **task.evaluate(ema, device)}
             log.write(last)
         if rank == 0 and (step % cfg.save_every == 0 or finished):
-            save_state(out, model, ema, opt, step)
+            save_state(state_path, model, ema, opt, step)
             save_model(ema, out, task.name, metadata={"step": step, "train": dataclasses.asdict(cfg)})
         if out_of_time:
             break
@@ -333,7 +333,7 @@ def train(task_name: str, model_cfg, cfg: TrainConfig, data_dir: str, out_dir: s
 
 
 class Logger:
-    """Appends json lines to log.jsonl (rank 0 only) and echoes them; drops lines past a resume point."""
+    """Appends json lines to the log (rank 0 only) and echoes them; drops lines past a resume point."""
 
     def __init__(self, path: Path, enabled: bool, truncate_after: int):
         self.path, self.enabled = path, enabled

@@ -1,11 +1,24 @@
 """Shared fixtures: paths to the shared real data, and a small synthetic prepared dataset."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mar3d.image_encoder import ImageEncoderConfig
+from mar3d.mar import MARConfig
+from mar3d.vae import VAEConfig
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Micro models: seconds to train, same code as the presets.
+MICRO_VAE = VAEConfig(width=32, heads=2, num_points=256, hr_tokens=32, lr_tokens=8, enc_layers=1, dec_layers=1,
+                      latent_dim=8, num_freqs=4)
+MICRO_MAR = MARConfig(seq_len=8, token_dim=8, width=64, heads=2, enc_layers=1, dec_layers=1, diff_width=64,
+                      diff_depth=2, image_encoder=ImageEncoderConfig(image_size=32, patch_size=8, width=32,
+                                                                     layers=1, heads=2))
+MICRO_MAR_HR = dataclasses.replace(MICRO_MAR, seq_len=32, lr_seq_len=8)
 
 
 def shared_mesh(name: str) -> Path:
@@ -51,3 +64,36 @@ def synthetic_data(tmp_path_factory) -> Path:
     for i in range(24):
         write_synthetic_shape(root / f"shape_{i:03d}.npz", rng)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade(tmp_path_factory):
+    """A sphere and a box, each paired with one shared photo, and a micro VAE → MAR-LR → MAR-HR
+    cascade trained on them (about a CPU-minute). Returns (root, names): root/cascade holds the
+    checkpoint, root/cache the latent cache, root/prepared the shapes."""
+    from mar3d.cache import build_cache
+    from mar3d.checkpoint import load_model
+    from mar3d.train import TrainConfig, train
+
+    pics = [SHARED / "images" / "instantmesh_chair_wood.jpg", SHARED / "images" / "triposr_flamingo.png"]
+    if not all(p.exists() for p in pics):
+        pytest.skip("shared images not found")
+    root = tmp_path_factory.mktemp("cascade")
+    (root / "prepared").mkdir()
+    rng = np.random.default_rng(1)
+    while len(list((root / "prepared").glob("*.npz"))) < 2:  # one sphere, one box
+        write_synthetic_shape(root / "prepared" / "tmp.npz", rng, n_surface=256, n_pool=8192)
+        normal = np.load(root / "prepared" / "tmp.npz")["surface"][0, 3:]
+        kind = "box" if np.sum(np.abs(normal) > 0.999) == 1 else "sphere"
+        (root / "prepared" / "tmp.npz").rename(root / "prepared" / f"{kind}.npz")
+    fast = dict(batch_size=8, warmup=30, val_percent=0.0, threads=2)
+    train("vae", MICRO_VAE, TrainConfig(steps=400, lr=2e-3, queries=512, log_every=400, eval_every=400,
+                                        save_every=400, **fast), root / "prepared", root / "cascade")
+    vae = load_model(root / "cascade", "vae")
+    names = ["box", "sphere"]
+    items = [(f"{n}/0", np.load(root / "prepared" / f"{n}.npz")["surface"], p) for n, p in zip(names, pics)]
+    build_cache(vae, items, root / "cache", image_size=32)
+    mar_cfg = TrainConfig(steps=1500, lr=2e-3, log_every=500, eval_every=1500, save_every=1500, **fast)
+    train("mar_lr", MICRO_MAR, mar_cfg, root / "cache", root / "cascade")
+    train("mar_hr", MICRO_MAR_HR, mar_cfg, root / "cache", root / "cascade")
+    return root, names

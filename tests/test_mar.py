@@ -4,18 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from mar3d.cache import build_cache, load_cache
+from mar3d.cache import load_cache
 from mar3d.checkpoint import load_model, save_model
 from mar3d.image_encoder import ImageEncoderConfig
-from mar3d.mar import MAR, MARConfig
-from mar3d.train import TrainConfig, occupancy_iou, train
-from tests.conftest import SHARED, write_synthetic_shape
-from tests.test_vae import MICRO as MICRO_VAE
+from mar3d.mar import MAR
+from mar3d.train import occupancy_iou
 
-ENC = ImageEncoderConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2)
-MICRO = MARConfig(seq_len=8, token_dim=8, width=64, heads=2, enc_layers=1, dec_layers=1, diff_width=64,
-                  diff_depth=2, image_encoder=ENC)
-MICRO_HR = dataclasses.replace(MICRO, seq_len=32, lr_seq_len=8)
+from tests.conftest import MICRO_MAR as MICRO
+from tests.conftest import MICRO_MAR_HR as MICRO_HR
 
 
 def images(b=2, size=32):
@@ -83,39 +79,13 @@ def test_checkpoint_round_trip_keeps_nested_encoder_config(tmp_path):
                                mar.sample(x, steps=2, diffusion_steps=5, generator=g()))
 
 
-@pytest.fixture(scope="module")
-def two_shapes(tmp_path_factory):
-    """A sphere and a box, a micro VAE trained on them, and a latent cache pairing each with an image."""
-    root = tmp_path_factory.mktemp("two")
-    rng = np.random.default_rng(1)
-    (root / "prepared").mkdir()
-    while len(list((root / "prepared").glob("*.npz"))) < 2:  # one sphere, one box
-        write_synthetic_shape(root / "prepared" / "tmp.npz", rng, n_surface=256, n_pool=8192)
-        kind = "sphere" if np.load(root / "prepared" / "tmp.npz")["surface"][0, 3:].round(6).tolist().count(0.0) < 2 else "box"
-        (root / "prepared" / "tmp.npz").rename(root / "prepared" / f"{kind}.npz")
-    cfg = TrainConfig(steps=400, batch_size=8, lr=2e-3, warmup=20, queries=512, log_every=400, eval_every=400,
-                      save_every=400, val_percent=0.0, threads=2)
-    train("vae", MICRO_VAE, cfg, root / "prepared", root / "vae")
-    vae = load_model(root / "vae", "vae")
-    pics = [SHARED / "images" / "instantmesh_chair_wood.jpg", SHARED / "images" / "triposr_flamingo.png"]
-    if not all(p.exists() for p in pics):
-        pytest.skip("shared images not found")
-    names = ["box", "sphere"]
-    items = [(f"{n}/0", np.load(root / "prepared" / f"{n}.npz")["surface"], p) for n, p in zip(names, pics)]
-    build_cache(vae, items, root / "cache", image_size=32)
-    return root, vae, names
-
-
 @pytest.mark.slow
-def test_mar_lr_overfits_two_shapes_and_follows_the_image(two_shapes):
-    root, vae, names = two_shapes
+def test_mar_lr_overfits_two_shapes_and_follows_the_image(tiny_cascade):
+    root, names = tiny_cascade
+    vae = load_model(root / "cascade", "vae")
     data, meta = load_cache(root / "cache")
     assert data["images"].shape == (2, 32, 32, 3) and data["lr"].shape == (2, 8, 8)
-    cfg = TrainConfig(steps=1500, batch_size=8, lr=2e-3, warmup=30, log_every=500, eval_every=1500,
-                      save_every=1500, val_percent=0.0, threads=2)
-    last = train("mar_lr", dataclasses.replace(MICRO, cond_drop=0.1), cfg, root / "cache", root / "mar_lr")
-    print("MAR-LR:", last)
-    mar = load_model(root / "mar_lr", "mar_lr")
+    mar = load_model(root / "cascade", "mar_lr")
     assert mar.cfg.latent_scale == pytest.approx(meta["latent_scale"])
     pics = data["images"].permute(0, 3, 1, 2).float() / 255
     tokens = mar.sample(pics, steps=4, cfg=2.0, generator=torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ def test_lr_schedule():
 def test_train_writes_checkpoint_and_log(synthetic_data, tmp_path):
     last = train("vae", MICRO, FAST, synthetic_data, tmp_path)
     assert last["step"] == 12 and "val_iou_hr" in last and "train_iou_lr" in last
-    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "vae.log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and all(l == l for l in losses)  # logged at 4, 8, 12; finite
     vae = load_model(tmp_path, "vae")
@@ -43,16 +43,16 @@ def test_resume_repeats_uninterrupted_run(synthetic_data, tmp_path):
     """A run stopped after its first step (time limit) and resumed ends bit-identical to one 12-step run."""
     train("vae", MICRO, FAST, synthetic_data, tmp_path / "whole")
     train("vae", MICRO, dataclasses.replace(FAST, max_minutes=1e-9), synthetic_data, tmp_path / "split")
-    first = load_file(str(tmp_path / "split" / "train_state.safetensors"))
+    first = load_file(str(tmp_path / "split" / "vae.state.safetensors"))
     assert not torch.equal(first["model.to_logit.weight"],
-                           load_file(str(tmp_path / "whole" / "train_state.safetensors"))["model.to_logit.weight"])
+                           load_file(str(tmp_path / "whole" / "vae.state.safetensors"))["model.to_logit.weight"])
     train("vae", MICRO, FAST, synthetic_data, tmp_path / "split")
-    whole = load_file(str(tmp_path / "whole" / "train_state.safetensors"))
-    split = load_file(str(tmp_path / "split" / "train_state.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "vae.state.safetensors"))
+    split = load_file(str(tmp_path / "split" / "vae.state.safetensors"))
     assert whole.keys() == split.keys()
     for k in whole:
         assert torch.equal(whole[k], split[k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "vae.log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # no duplicated records after the resume
 
 
@@ -65,6 +65,6 @@ def test_torchrun_two_ranks_stay_identical(synthetic_data, tmp_path):
            "--eval-every", "6", "--save-every", "6", "--set", *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (tmp_path / "vae.log.jsonl").read_text().splitlines()]
     assert records[-1] == {"step": 6, "ranks_identical": True}
     assert load_model(tmp_path, "vae").cfg == MICRO

@@ -6,8 +6,7 @@ import torch
 from mar3d.checkpoint import CheckpointError, load_model, save_model
 from mar3d.vae import PRESETS, PyramidVAE, VAEConfig
 
-MICRO = VAEConfig(width=32, heads=2, num_points=256, hr_tokens=32, lr_tokens=8, enc_layers=1, dec_layers=1,
-                  latent_dim=8, num_freqs=4)
+from tests.conftest import MICRO_VAE as MICRO
 
 
 def test_token_sets_and_levels():

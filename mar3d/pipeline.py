@@ -1,0 +1,123 @@
+"""The image-to-3D pipeline: one object used by the CLI, the app and the tests.
+
+    pipe = MAR3DPipeline.from_pretrained("checkpoints")
+    result = pipe("photo.png", Settings(seed=1))
+    result.mesh.export("shape.glb")
+
+image → preprocess → MAR-LR → (LR mesh, a preview) → MAR-HR → HR tokens → VAE decoder → mesh
+"""
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import trimesh
+
+from .checkpoint import load_model, save_model
+from .extract import ExtractionError, extract_mesh
+from .preprocess import preprocess_image
+
+
+@dataclass
+class Settings:
+    """The user-facing knobs of one generation (the CLI's flags and the app's controls)."""
+
+    seed: int = 0
+    background: str = "auto"        # auto | remove | none (mar3d.preprocess)
+    foreground_ratio: float = 0.85  # object size in the condition image
+    lr_steps: int = 8               # MAR-LR sampling steps (≤ LR tokens)
+    hr_steps: int = 16              # MAR-HR sampling steps (≤ HR tokens)
+    cfg_lr: float = 3.0             # classifier-free guidance of MAR-LR (1 = none)
+    cfg_hr: float = 3.0
+    temperature: float = 1.0        # scale of the diffusion head's sampling noise
+    diffusion_steps: int = 50       # respaced steps of the diffusion head (1000 in training)
+    cond_aug_t: float = 0.5         # MAR-HR's noise level on its LR-token condition
+    resolution: int = 128           # marching-cubes cells per axis
+    target_faces: int = 0           # 0 = keep all faces
+    lr_mesh: bool = True            # also extract the LR mesh (the preview)
+
+
+@dataclass
+class Result:
+    mesh: trimesh.Trimesh              # the HR mesh
+    lr_mesh: trimesh.Trimesh | None    # the LR preview (None if not asked for or empty)
+    image: "PIL.Image.Image"           # the processed condition image  # noqa: F821
+    background_method: str             # which background removal ran
+    seconds: dict                      # per stage
+    lr_tokens: torch.Tensor            # (1, L_lr, C) VAE latents
+    hr_tokens: torch.Tensor            # (1, L_hr, C) VAE latents
+
+
+Progress = Callable[[str, int, int], None]  # (stage, step, total)
+
+
+class MAR3DPipeline:
+    def __init__(self, vae, mar_lr, mar_hr, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.vae, self.mar_lr, self.mar_hr = (m.to(self.device).eval() for m in (vae, mar_lr, mar_hr))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> "MAR3DPipeline":
+        """Load vae / mar_lr / mar_hr (json + safetensors each) from one directory."""
+        return cls(*(load_model(directory, name, device) for name in ("vae", "mar_lr", "mar_hr")), device=device)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        for name, model in (("vae", self.vae), ("mar_lr", self.mar_lr), ("mar_hr", self.mar_hr)):
+            save_model(model, directory, name)
+
+    @property
+    def image_size(self) -> int:
+        return self.mar_lr.image_encoder.size
+
+    @torch.no_grad()
+    def __call__(self, image, settings: Settings | None = None, on_lr_mesh: Callable | None = None,
+                 progress: Progress | None = None, **overrides) -> Result:
+        """Generate a mesh from `image` (path, bytes, array or PIL image). Keyword overrides patch `settings`."""
+        s = dataclasses.replace(settings or Settings(), **overrides)
+        seconds = {}
+        t = time.perf_counter()
+        pre = preprocess_image(image, s.background, s.foreground_ratio, size=self.image_size)
+        pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(s.seed)
+        seconds["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
+                                diffusion_steps=s.diffusion_steps, generator=generator,
+                                progress=progress and (lambda i, n: progress("lr", i, n)))
+        lr_latents = self.mar_lr.denormalize(lr)  # (1, L_lr, C)
+        seconds["mar_lr"] = time.perf_counter() - t
+
+        lr_mesh = None
+        if s.lr_mesh:
+            t = time.perf_counter()
+            try:
+                lr_mesh = self.extract(lr_latents, s)
+            except ExtractionError:  # an empty preview is no reason to stop: the HR stage may still succeed
+                lr_mesh = None
+            seconds["lr_mesh"] = time.perf_counter() - t
+            if on_lr_mesh is not None:
+                on_lr_mesh(lr_mesh)
+
+        t = time.perf_counter()
+        hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
+                                temperature=s.temperature, diffusion_steps=s.diffusion_steps,
+                                cond_aug_t=s.cond_aug_t, generator=generator,
+                                progress=progress and (lambda i, n: progress("hr", i, n)))
+        hr_latents = self.mar_hr.denormalize(hr)  # (1, L_hr, C)
+        seconds["mar_hr"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mesh = self.extract(hr_latents, s)
+        seconds["hr_mesh"] = time.perf_counter() - t
+        return Result(mesh, lr_mesh, pre.image, pre.method, seconds, lr_latents, hr_latents)
+
+    def extract(self, latents: torch.Tensor, s: Settings) -> trimesh.Trimesh:
+        """Mesh of the VAE occupancy field of `latents` (1, M, C); raises ExtractionError if empty."""
+        mesh, _ = extract_mesh(self.vae.occupancy_fn(latents), resolution=s.resolution,
+                               target_faces=s.target_faces or None)
+        return mesh

@@ -1,0 +1,81 @@
+"""The pipeline and the generate CLI, on a micro cascade trained on two shapes (tests/conftest.py)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from mar3d.pipeline import MAR3DPipeline, Settings
+from mar3d.train import occupancy_iou
+from tests.conftest import SHARED
+
+FAST = Settings(lr_steps=4, hr_steps=8, diffusion_steps=25, resolution=64)
+CHAIR = SHARED / "images" / "instantmesh_chair_wood.jpg"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_cascade):
+    root, _ = tiny_cascade
+    return MAR3DPipeline.from_pretrained(root / "cascade")
+
+
+@pytest.mark.slow
+def test_pipeline_generates_the_shape_in_the_picture(pipe, tiny_cascade):
+    root, names = tiny_cascade
+    stages, previews = [], []
+    result = pipe(CHAIR, FAST, on_lr_mesh=previews.append, progress=lambda *a: stages.append(a))
+    assert result.background_method == "fallback" and result.image.size == (32, 32)
+    assert [s for s in stages if s[0] == "lr"] == [("lr", i, 4) for i in (1, 2, 3, 4)]
+    assert [s for s in stages if s[0] == "hr"] == [("hr", i, 8) for i in range(1, 9)]
+    assert len(previews) == 1 and previews[0] is result.lr_mesh
+    mesh = result.mesh
+    assert len(mesh.faces) > 100 and np.all(np.abs(mesh.bounds) <= 1.05)
+    assert set(result.seconds) == {"preprocess", "mar_lr", "lr_mesh", "mar_hr", "hr_mesh"}
+    # the chair photo was paired with the box: the HR tokens decode to the box, not the sphere
+    ious = []
+    for name in names:
+        shape = np.load(root / "prepared" / f"{name}.npz")
+        points = torch.from_numpy(shape["uniform_points"][:4096])[None]
+        with torch.no_grad():
+            occupied = pipe.vae.query(pipe.vae.decode(result.hr_tokens), points) > 0
+        ious.append(occupancy_iou(occupied, torch.from_numpy(shape["uniform_labels"][:4096])[None]).item())
+    print("HR IoU with box, sphere:", ious)
+    assert ious[0] > ious[1]
+
+
+@pytest.mark.slow
+def test_pipeline_is_seeded(pipe):
+    a = pipe(CHAIR, FAST, seed=3, lr_mesh=False)
+    b = pipe(CHAIR, FAST, seed=3, lr_mesh=False)
+    c = pipe(CHAIR, FAST, seed=4, lr_mesh=False)
+    assert a.lr_mesh is None
+    assert torch.equal(a.hr_tokens, b.hr_tokens) and np.array_equal(a.mesh.vertices, b.mesh.vertices)
+    assert not torch.equal(a.hr_tokens, c.hr_tokens)
+
+
+@pytest.mark.slow
+def test_generate_cli_goes_on_past_a_bad_image(tiny_cascade, tmp_path):
+    root, _ = tiny_cascade
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    cmd = [sys.executable, "-m", "mar3d.generate", str(CHAIR), str(bad), str(SHARED / "images" / "triposr_flamingo.png"),
+           "-o", str(tmp_path / "out"), "--checkpoint", str(root / "cascade"), "--lr-steps", "4", "--hr-steps", "8",
+           "--diffusion-steps", "25", "--resolution", "64", "--format", "obj"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [("error" in r) for r in lines] == [False, True, False]
+    assert "not_an_image.png" in lines[1]["image"] and lines[1]["error"].startswith("ImageError")
+    for r in (lines[0], lines[2]):
+        assert set(r["seconds"]) >= {"mar_lr", "mar_hr", "hr_mesh"} and r["n_faces"] > 0
+        assert len(trimesh.load(r["output"], force="mesh").faces) == r["n_faces"]
+
+
+def test_generate_cli_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mar3d.generate", str(CHAIR), "-o", str(tmp_path),
+                           "--checkpoint", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "vae.json: missing" in proc.stderr
