@@ -12,7 +12,7 @@ def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.
     """ᾱ_t for t = 0 … T−1 of the cosine noise schedule (Nichol & Dhariwal 2021), float64:
         f(t) = cos²(π/2 · (t/T + s) / (1 + s)),   β_t = min(1 − f(t+1)/f(t), max_beta),   ᾱ_t = Π_{i≤t} (1 − β_i)
     """
-    t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    t = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps  # constants: always CPU
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
     return torch.cumprod(1 - betas, dim=0)
@@ -22,7 +22,7 @@ def respaced_timesteps(train_steps: int, sample_steps: int) -> torch.Tensor:
     """`sample_steps` training timesteps, evenly spaced from 0 to train_steps − 1, increasing."""
     if not 1 <= sample_steps <= train_steps:
         raise ValueError(f"diffusion steps must be in [1, {train_steps}], got {sample_steps}")
-    return torch.linspace(0, train_steps - 1, sample_steps).round().long().unique()
+    return torch.linspace(0, train_steps - 1, sample_steps, device="cpu").round().long().unique()
 
 
 def tokens_per_step(seq_len: int, num_steps: int) -> list[int]:
