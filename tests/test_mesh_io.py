@@ -74,3 +74,15 @@ def test_mesh_stats(mesh):
     ref = np.pi * 0.25 ** 2 * 0.8 + 4 / 3 * np.pi * 0.25 ** 3
     assert abs(s["volume"] / ref - 1) < 0.02
     np.testing.assert_allclose(s["bounds"], mesh.bounds)
+
+
+def test_glb_stands_upright_in_a_gltf_viewer(tmp_path, mesh):
+    """glTF is +Y up: with no node rotation or matrix, a viewer shows the tall axis (y) vertical."""
+    gltf = pygltflib.GLTF2().load(str(export_mesh(mesh, tmp_path / "tall.glb")))
+    for node in gltf.nodes:
+        assert node.matrix in (None, [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1])
+        assert node.rotation in (None, [0, 0, 0, 1])
+    acc = gltf.accessors[gltf.meshes[0].primitives[0].attributes.POSITION]
+    extent = np.array(acc.max) - np.array(acc.min)
+    assert extent.argmax() == 1  # the tall capsule is tall in the file's up axis
+    np.testing.assert_allclose(acc.min, mesh.bounds[0], atol=1e-5)
