@@ -65,11 +65,26 @@ class ShapeBank:
     def __len__(self) -> int:
         return len(self.names)
 
-    def sample(self, shapes: torch.Tensor, num_queries: int, generator: torch.Generator) -> Batch:
-        """Batch for the given shape indices: num_queries points, half uniform, half near-surface."""
+    def sample(self, shapes: torch.Tensor, num_queries: int, generator: torch.Generator, yaw: bool = False) -> Batch:
+        """Batch for the given shape indices: num_queries points, half uniform, half near-surface.
+
+        yaw=True turns each shape (points, normals, queries alike) by a random angle about +Y,
+        so the VAE learns shapes in every orientation a camera can put them in; the data must
+        then be cylinder-normalised (mar3d.geometry.normalize_mesh) to stay inside the box."""
         n_uniform = num_queries // 2
         iu = torch.randint(self.uniform.shape[1], (len(shapes), n_uniform), generator=generator)
         inr = torch.randint(self.near.shape[1], (len(shapes), num_queries - n_uniform), generator=generator)
         s = shapes[:, None]
-        return Batch(self.surface[shapes], self.uniform[s, iu], self.uniform_labels[s, iu],
-                     self.near[s, inr], self.near_labels[s, inr])
+        surface, uniform, near = self.surface[shapes], self.uniform[s, iu], self.near[s, inr]
+        if yaw:
+            rot = yaw_matrices(2 * torch.pi * torch.rand(len(shapes), generator=generator))  # (B, 3, 3)
+            turn = lambda p: torch.einsum("bij,bnj->bni", rot, p)  # noqa: E731
+            surface = torch.cat([turn(surface[..., :3]), turn(surface[..., 3:])], dim=-1)
+            uniform, near = turn(uniform), turn(near)
+        return Batch(surface, uniform, self.uniform_labels[s, iu], near, self.near_labels[s, inr])
+
+
+def yaw_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """Rotations about +Y by `angles` (B,) → (B, 3, 3)."""
+    c, s, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
+    return torch.stack([c, zero, s, zero, one, zero, -s, zero, c], dim=-1).view(-1, 3, 3)

@@ -69,8 +69,12 @@ def load_mesh(path, z_up: bool = False) -> trimesh.Trimesh:
     return mesh
 
 
-def normalize_mesh(mesh: trimesh.Trimesh, extent: float = 1.9):
+def normalize_mesh(mesh: trimesh.Trimesh, extent: float = 1.9, mode: str = "box"):
     """Centre at the bounding-box centre and scale uniformly so the longest side is `extent`.
+
+    mode="cylinder" instead fits the vertical cylinder of diameter and height `extent`: the
+    shape then stays inside [-extent/2, extent/2]^3 under any rotation about +Y (the rotation
+    that turns a shape into a camera's frame, mar3d.render.rotate_to_view).
 
     Returns (normalised copy, center (3,), scale) with normalised = (v - center) * scale.
     """
@@ -80,6 +84,11 @@ def normalize_mesh(mesh: trimesh.Trimesh, extent: float = 1.9):
     if not longest > 0:
         raise MeshError("degenerate mesh (zero extent)")
     scale = extent / longest
+    if mode == "cylinder":
+        v = np.asarray(mesh.vertices) - center
+        scale = extent / (2 * max(np.hypot(v[:, 0], v[:, 2]).max(), (hi - lo)[1] / 2))
+    elif mode != "box":
+        raise ValueError(f"unknown normalisation {mode!r} (box or cylinder)")
     out = mesh.copy()
     out.vertices = (np.asarray(mesh.vertices) - center) * scale
     return out, center, scale
@@ -160,6 +169,7 @@ class PrepareConfig:
     near_sigmas: tuple = (0.005, 0.05)  # the near points are split evenly between these σ
     bounds: float = 1.05
     extent: float = 1.9
+    normalize: str = "box"  # "cylinder": safe under rotations about +Y (see normalize_mesh)
 
 
 def prepare_shape(mesh: trimesh.Trimesh, cfg: PrepareConfig, seed: int) -> dict:

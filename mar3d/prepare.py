@@ -60,7 +60,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def prepare_file(src: Path, rel: str, name: str, out_path: Path, cfg: PrepareConfig, z_up: bool) -> None:
     """Load, normalise and sample one mesh, and write its npz atomically."""
-    mesh, center, scale = normalize_mesh(load_mesh(src, z_up=z_up), cfg.extent)
+    mesh, center, scale = normalize_mesh(load_mesh(src, z_up=z_up), cfg.extent, cfg.normalize)
     arrays = prepare_shape(mesh, cfg, shape_seed(name))
     arrays["center"] = np.asarray(center, dtype=np.float64)
     arrays["scale"] = np.asarray(scale, dtype=np.float64)
@@ -157,6 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--near-sigmas", type=float, nargs="+", default=list(defaults.near_sigmas))
     parser.add_argument("--bounds", type=float, default=defaults.bounds)
     parser.add_argument("--extent", type=float, default=defaults.extent)
+    parser.add_argument("--normalize", choices=("box", "cylinder"), default=defaults.normalize,
+                        help="box: longest side = extent; cylinder: fits any rotation about +Y")
     args = parser.parse_args(argv)
     cfg = PrepareConfig(
         num_surface=args.num_surface,
@@ -165,6 +167,7 @@ def main(argv=None) -> None:
         near_sigmas=tuple(args.near_sigmas),
         bounds=args.bounds,
         extent=args.extent,
+        normalize=args.normalize,
     )
     start = time.perf_counter()
     try:

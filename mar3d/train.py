@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0             # torch threads per rank; 0 = cores / ranks
     queries: int = 1024          # occupancy queries per shape and step (VAE)
+    augment_yaw: bool = False    # VAE: turn each shape by a random angle about +Y (cylinder-normalised data)
     val_percent: float = 5.0     # held-out share of the prepared shapes (fixed hash split)
     log_every: int = 50
     eval_every: int = 500
@@ -110,7 +111,7 @@ class VAETask:
 
     def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:
         shapes = torch.randint(len(self.train), (batch_size,), generator=generator)
-        b = self.train.sample(shapes, self.cfg.queries, generator).to(device)
+        b = self.train.sample(shapes, self.cfg.queries, generator, yaw=self.cfg.augment_yaw).to(device)
         tokens = "hr" if step % 2 == 0 else "lr"
         points = torch.cat([b.uniform, b.near], dim=1)
         logits, kl = model(b.surface, points, tokens)

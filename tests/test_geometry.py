@@ -330,3 +330,17 @@ def test_prepare_shape_is_deterministic():
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["uniform_points"], c["uniform_points"])
     assert not np.array_equal(a["surface"], c["surface"])
+
+
+def test_cylinder_normalisation_survives_rotation_about_y():
+    mesh = normalize_mesh(load_mesh(real_mesh("spot.obj")), mode="cylinder")[0]
+    for angle in np.linspace(0, 2 * np.pi, 13):
+        turned = mesh.copy()
+        turned.apply_transform(trimesh.transformations.rotation_matrix(angle, [0, 1, 0]))
+        assert np.abs(turned.vertices).max() <= 0.95 + 1e-9
+    box = normalize_mesh(trimesh.creation.box(extents=[1.0, 0.5, 1.0]))[0]
+    turned = box.copy()
+    turned.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 4, [0, 1, 0]))
+    assert np.abs(turned.vertices).max() > 0.95  # why the cylinder mode exists
+    with pytest.raises(ValueError):
+        normalize_mesh(mesh, mode="sphere")

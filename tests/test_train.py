@@ -68,3 +68,20 @@ def test_torchrun_two_ranks_stay_identical(synthetic_data, tmp_path):
     records = [json.loads(l) for l in (tmp_path / "vae.log.jsonl").read_text().splitlines()]
     assert records[-1] == {"step": 6, "ranks_identical": True}
     assert load_model(tmp_path, "vae").cfg == MICRO
+
+
+def test_yaw_augmentation_keeps_labels_consistent(synthetic_data):
+    """Turning points, normals and queries together keeps every inside label right."""
+    from mar3d.data import ShapeBank, split_files, yaw_matrices
+
+    bank = ShapeBank(split_files(synthetic_data, 0.0)[0][:4], num_points=256)
+    rot = yaw_matrices(torch.tensor([torch.pi / 2]))[0]
+    torch.testing.assert_close(rot @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, -1.0]))
+    plain = bank.sample(torch.arange(4), 512, torch.Generator().manual_seed(0))
+    turned = bank.sample(torch.arange(4), 512, torch.Generator().manual_seed(0), yaw=True)
+    assert torch.equal(plain.uniform_labels, turned.uniform_labels)
+    assert not torch.allclose(plain.uniform, turned.uniform)
+    # a rotation about +Y keeps heights and distances from the Y axis, and normals unit length
+    torch.testing.assert_close(plain.uniform[..., 1], turned.uniform[..., 1])
+    torch.testing.assert_close(plain.near[..., [0, 2]].norm(dim=-1), turned.near[..., [0, 2]].norm(dim=-1))
+    torch.testing.assert_close(turned.surface[..., 3:].norm(dim=-1), plain.surface[..., 3:].norm(dim=-1))
