@@ -14,8 +14,13 @@ import torch
 
 
 def is_held_out(name: str, val_percent: float) -> bool:
-    """Fixed split by a hash of the shape's name: the same on every machine and every run."""
-    return zlib.crc32(name.encode()) % 10_000 < val_percent * 100
+    """Fixed split by a hash of the shape's name: the same on every machine and every run.
+
+    Only the part before "@" counts ("real__spot@03" → "real__spot"), so every variant of one
+    source mesh falls on the same side; a MAR entry "<shape>/<view>" splits by its shape.
+    """
+    group = name.split("/")[0].split("@")[0]
+    return zlib.crc32(group.encode()) % 10_000 < val_percent * 100
 
 
 def split_files(data_dir: str | Path, val_percent: float) -> tuple[list[Path], list[Path]]:

@@ -159,7 +159,7 @@ class MARTask:
             model_cfg, seq_len=data[self.stage].shape[1], token_dim=data[self.stage].shape[2],
             lr_seq_len=data["lr"].shape[1] if self.stage == "hr" else 0,
             latent_shift=meta["latent_shift"], latent_scale=meta["latent_scale"])
-        held_out = torch.tensor([is_held_out(n.split("/")[0], cfg.val_percent) for n in meta["names"]])
+        held_out = torch.tensor([is_held_out(n, cfg.val_percent) for n in meta["names"]])
         norm = lambda x: (x - meta["latent_shift"]) / meta["latent_scale"]  # noqa: E731
         self.images, self.tokens, self.lr = data["images"], norm(data[self.stage]), norm(data["lr"])
         self.train_idx = torch.nonzero(~held_out).flatten()

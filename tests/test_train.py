@@ -85,3 +85,15 @@ def test_yaw_augmentation_keeps_labels_consistent(synthetic_data):
     torch.testing.assert_close(plain.uniform[..., 1], turned.uniform[..., 1])
     torch.testing.assert_close(plain.near[..., [0, 2]].norm(dim=-1), turned.near[..., [0, 2]].norm(dim=-1))
     torch.testing.assert_close(turned.surface[..., 3:].norm(dim=-1), plain.surface[..., 3:].norm(dim=-1))
+
+
+def test_split_groups_variants_and_views():
+    from mar3d.data import is_held_out
+
+    names = [f"real__mesh{i}@{k:02d}" for i in range(40) for k in range(5)]
+    for i in range(40):
+        sides = {is_held_out(f"real__mesh{i}@{k:02d}", 30.0) for k in range(5)}
+        sides |= {is_held_out(f"real__mesh{i}@00/{v}", 30.0) for v in range(3)}
+        assert len(sides) == 1  # all variants and views of one mesh on one side
+    held = sum(is_held_out(n, 30.0) for n in names) / len(names)
+    assert 0.1 < held < 0.5

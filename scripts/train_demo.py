@@ -1,0 +1,172 @@
+"""Train the demo cascade end to end: shapes → prepare → render → VAE → latent cache → MAR-LR → MAR-HR.
+
+    python scripts/train_demo.py --work data/demo --out checkpoints            # all stages, resumable
+    python scripts/train_demo.py --work data/demo --out checkpoints --only vae # one stage
+    python scripts/train_demo.py ... --device cuda --set vae_steps=20000       # a larger run on a GPU
+
+Every stage writes its outputs under --work and skips what is already there, and the training
+stages resume from their last train state, so an interrupted run continues where it stopped.
+Each stage's wall time is appended to <work>/stages.jsonl (for the model card). CI never runs this.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from mar3d.cache import CACHE_FILE, build_cache  # noqa: E402
+from mar3d.checkpoint import load_model  # noqa: E402
+from mar3d.geometry import PrepareConfig  # noqa: E402
+from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
+from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
+from mar3d.render import Camera, render_views, rotate_to_view  # noqa: E402
+from mar3d.shapes import build_dataset  # noqa: E402
+from mar3d.train import TrainConfig, train  # noqa: E402
+from mar3d.vae import PRESETS as VAE_PRESETS  # noqa: E402
+
+SHARED_MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes"
+
+
+@dataclass
+class Recipe:
+    shapes: int = 3000           # procedural training + held-out shapes
+    real_variants: int = 20      # randomly turned / scaled copies of each shared mesh
+    val_percent: float = 4.0     # held-out share, by a hash of the shape name (≈ 130 shapes)
+    views: int = 4               # condition renders per shape
+    render_size: int = 128
+    workers: int = 2
+    vae_steps: int = 6000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    mar_lr_steps: int = 6000
+    mar_hr_steps: int = 6000
+    mar_batch: int = 32
+    mar_lr: float = 5e-4
+    device: str = "cpu"
+
+
+def timed_stage(work: Path, name: str):
+    """Start timing a stage; the returned `done(**info)` appends its wall time to stages.jsonl."""
+    start = time.time()
+
+    def done(**info):
+        record = {"stage": name, "seconds": round(time.time() - start, 1), **info}
+        with (work / "stages.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+    return done
+
+
+def stage_shapes(r: Recipe, work: Path) -> None:
+    done = timed_stage(work, "shapes")
+    real = SHARED_MESHES if SHARED_MESHES.is_dir() else None
+    report = build_dataset(work / "shapes", r.shapes, seed=0, real_dir=real, real_variants=r.real_variants,
+                           workers=r.workers)
+    done(failed=len(report.get("failed", [])))
+
+
+def stage_prepare(r: Recipe, work: Path) -> None:
+    done = timed_stage(work, "prepare")
+    # cylinder normalisation: shapes stay inside the box when turned into a camera's frame
+    cfg = PrepareConfig(num_surface=4096, num_uniform=16384, num_near=16384, normalize="cylinder")
+    report = prepare_dir(work / "shapes", work / "prepared", cfg, workers=r.workers)
+    done(prepared=len(report["prepared"]), failed=len(report["failed"]))
+
+
+def stage_render(r: Recipe, work: Path) -> None:
+    """`views` RGBA renders per prepared shape, of the same normalised mesh, with their cameras."""
+    from mar3d.geometry import load_mesh, normalize_mesh
+
+    done = timed_stage(work, "render")
+    out = work / "renders"
+    count = 0
+    for npz in sorted((work / "prepared").glob("*.npz")):
+        folder = out / npz.stem
+        if (folder / "cameras.json").exists():
+            continue
+        data = np.load(npz)
+        mesh = load_mesh(work / "shapes" / str(data["source"]))
+        mesh.vertices = (mesh.vertices - data["center"]) * data["scale"]  # exactly the prepared frame
+        rng = np.random.default_rng(shape_seed(npz.stem) + 1)  # views differ from the prepare draws
+        folder.mkdir(parents=True, exist_ok=True)
+        cameras = []
+        for k, (rgba, camera) in enumerate(render_views(mesh, r.views, rng, size=r.render_size)):
+            Image.fromarray(rgba).save(folder / f"{k}.png")
+            cameras.append(camera.to_dict())
+        (folder / "cameras.json").write_text(json.dumps(cameras))
+        count += 1
+    done(rendered=count)
+
+
+def stage_train(r: Recipe, work: Path, out: Path, task: str) -> None:
+    done = timed_stage(work, task)
+    if task == "vae":
+        cfg = TrainConfig(steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, min_lr=r.vae_lr / 10,
+                          augment_yaw=True, val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250)
+        last = train("vae", VAE_PRESETS["tiny"], cfg, work / "prepared", out)
+    else:
+        steps = r.mar_lr_steps if task == "mar_lr" else r.mar_hr_steps
+        cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_lr, min_lr=r.mar_lr / 10,
+                          val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250)
+        last = train(task, MAR_PRESETS["tiny"], cfg, work / "cache", out)
+    done(**last)
+
+
+def stage_cache(r: Recipe, work: Path, out: Path) -> None:
+    """VAE tokens of every (shape, view), the shape turned into the view's frame, beside its render."""
+    done = timed_stage(work, "cache")
+    if (work / "cache" / CACHE_FILE).exists():
+        return done(skipped=True)
+    vae = load_model(out, "vae")
+
+    def items():
+        for npz in sorted((work / "prepared").glob("*.npz")):
+            surface = np.load(npz)["surface"]
+            cameras = json.loads((work / "renders" / npz.stem / "cameras.json").read_text())
+            for k, cam in enumerate(cameras):
+                turned = rotate_to_view(surface, Camera.from_dict(cam)).astype(np.float32)
+                yield f"{npz.stem}/{k}", turned, work / "renders" / npz.stem / f"{k}.png"
+
+    image_size = MAR_PRESETS["tiny"].image_encoder.image_size
+    done(**build_cache(vae, items(), work / "cache", image_size=image_size))
+
+
+STAGES = ("shapes", "prepare", "render", "vae", "cache", "mar_lr", "mar_hr")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="data/demo", help="where data and intermediate files go")
+    p.add_argument("--out", default="checkpoints", help="checkpoint directory (vae, mar_lr, mar_hr)")
+    p.add_argument("--only", choices=STAGES, help="run one stage")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Recipe overrides")
+    args = p.parse_args(argv)
+    types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{k: types[k](v) for k, v in (s.split("=", 1) for s in args.set)})
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    for stage in STAGES if args.only is None else (args.only,):
+        if stage == "shapes":
+            stage_shapes(recipe, work)
+        elif stage == "prepare":
+            stage_prepare(recipe, work)
+        elif stage == "render":
+            stage_render(recipe, work)
+        elif stage == "cache":
+            stage_cache(recipe, work, out)
+        else:
+            stage_train(recipe, work, out, stage)
+
+
+if __name__ == "__main__":
+    main()
