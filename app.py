@@ -1,26 +1,280 @@
-"""mar3d web demo (Gradio). The demo lands with the demo-checkpoint and web-demo issues.
+"""mar3d web demo: image → 3D mesh with MAR-3D, served with Gradio.
 
-Until then this entry point only checks for the shipped checkpoint and says what is missing.
+    python app.py [--checkpoint DIR] [--device cpu|cuda] [--host 127.0.0.1] [--port 7860] [--share]
+                  [--concurrency 1] [--max-queue 16]
+
+This file only builds widgets and turns their values into pipeline arguments; everything else
+is `mar3d.pipeline` (the model) and `mar3d.app_state` (one request streamed from a worker thread).
+The models load in `main()`, never at import. Nothing is sent anywhere: GRADIO_ANALYTICS_ENABLED=False
+and HF_HUB_DISABLE_TELEMETRY=1 are set below, before gradio is imported, and the Blocks are built with
+analytics_enabled=False; only `--share` goes online (a gradio.live tunnel), on request.
+
+API (gradio_client), endpoint "/generate": image, then the widgets in the order of
+`mar3d.pipeline.Settings` (seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
+temperature, diffusion_steps, cond_aug_t, resolution, target_faces), then export_format;
+returns (processed image, GLB for the viewer, mesh file in export_format, stats dict).
+
+Shareable settings: every widget but the image is mirrored in the page URL's query string
+(?seed=3&lr_steps=8&...; names are the Settings fields, plus export_format). A small JS snippet
+rewrites the URL whenever a widget changes; on page load the server reads the query back.
 """
 
+import os
+
+# Set before gradio and huggingface_hub are imported (huggingface_hub reads them once, at import):
+# no Gradio analytics or version check, no Hub telemetry or user-agent look-ups.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
 import argparse
+import functools
+import json
+import math
+import random
 import sys
+import tempfile
 from pathlib import Path
+
+import gradio as gr
+
+from mar3d.app_state import stream_pipeline
+from mar3d.checkpoint import CheckpointError
+from mar3d.extract import ExtractionError
+from mar3d.mesh_io import FORMATS, ExportError, export_mesh, mesh_stats
+from mar3d.pipeline import MAR3DPipeline, Settings
+from mar3d.preprocess import BACKGROUND_MODES, ImageError
+
+CHECKPOINT_FILES = [f"{name}.{ext}" for name in ("vae", "mar_lr", "mar_hr") for ext in ("json", "safetensors")]
+EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_SEED = 2**31 - 1
+# Strings, not ints: Gradio documents a dropdown's API type as "string" whatever its choices are.
+RESOLUTIONS = ["64", "128", "256"]
+BACKGROUND_LABELS = {"auto": "auto (keep alpha, else remove)", "remove": "remove", "none": "none (keep as is)"}
+# Gradio's cache (uploads, returned files): every 10 minutes, delete what is older than an hour.
+DELETE_CACHE = (600, 3600)
+
+
+def with_clear_image_errors(widget: gr.Image) -> gr.Image:
+    """Make `widget` answer an unreadable upload with a message naming the file, not a PIL traceback.
+
+    Wraps the instance's own preprocess rather than subclassing gr.Image: Gradio writes a .pyi
+    stub beside any module that defines a component class."""
+    preprocess = widget.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"{name} is not a readable image ({type(e).__name__}).") from e
+
+    widget.preprocess = checked
+    return widget
+
+
+# --------------------------------------------------------------------------------- generation
+
+
+def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
+             temperature, diffusion_steps, cond_aug_t, resolution, target_faces, export_format,
+             progress=gr.Progress()):
+    """Widget values → pipeline call. Yields (processed image, viewer GLB, download, stats) twice:
+    the LR preview as soon as it exists, then the HR mesh."""
+    if image is None:
+        raise gr.Error("Upload an image first (or pick an example).")
+    settings = Settings(seed=int(seed), background=background, foreground_ratio=float(foreground_ratio),
+                        lr_steps=int(lr_steps), hr_steps=int(hr_steps), cfg_lr=float(cfg_lr), cfg_hr=float(cfg_hr),
+                        temperature=float(temperature), diffusion_steps=int(diffusion_steps),
+                        cond_aug_t=float(cond_aug_t), resolution=int(resolution),
+                        target_faces=int(target_faces), lr_mesh=True)
+    stage_names = {"lr": "MAR-LR", "hr": "MAR-HR"}
+    # One folder per request; Gradio copies what we return into its own cache (cleaned by
+    # DELETE_CACHE), so the folder goes as soon as the request ends.
+    with tempfile.TemporaryDirectory(prefix="mar3d_app_") as folder:
+        try:
+            for kind, value in stream_pipeline(pipe, image, settings):
+                if kind == "progress":
+                    stage, step, total = value
+                    progress((step, total), desc=f"{stage_names[stage]} sampling", unit="steps")
+                elif kind == "lr_mesh" and value is not None:
+                    preview = export_mesh(value, Path(folder) / "preview_lr.glb")
+                    yield gr.skip(), str(preview), gr.skip(), {"status": "LR preview shown; sampling MAR-HR"}
+                elif kind == "result":
+                    result = value
+            # the viewer always gets a GLB; the download comes in the chosen format
+            name = Path(folder) / f"mar3d_seed{settings.seed}"
+            viewer = export_mesh(result.mesh, name.with_suffix(".glb"))
+            download = viewer
+            if export_format != "glb":
+                download = export_mesh(result.mesh, name.with_suffix("." + export_format))
+        except ImageError as e:
+            raise gr.Error(f"Cannot use this image: {e}") from e
+        except ExtractionError as e:
+            raise gr.Error(f"No surface to extract ({e}). Try another seed or more sampling steps.") from e
+        except ExportError as e:
+            raise gr.Error(f"Could not write the mesh: {e}") from e
+        except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
+            raise gr.Error(f"Invalid settings: {e}") from e
+        yield result.image, str(viewer), str(download), stats(result, settings)
+
+
+def stats(result, settings: Settings) -> dict:
+    """What the stats panel (and an API caller) gets: timings, mesh sizes, background method."""
+    return {
+        "seed": settings.seed,
+        "background_method": result.background_method,
+        "seconds": {stage: round(s, 3) for stage, s in result.seconds.items()},
+        "total_seconds": round(sum(result.seconds.values()), 3),
+        "hr_mesh": mesh_stats(result.mesh),
+        "lr_mesh": mesh_stats(result.lr_mesh) if result.lr_mesh is not None else None,
+    }
+
+
+def random_seed() -> int:
+    return random.randint(0, MAX_SEED)
+
+
+# ------------------------------------------------------------------------ settings in the URL
+
+
+# Runs in the browser on every settings change: write all settings into the page URL (no reload),
+# so copying the address bar shares them. KEYS is replaced by the list of parameter names.
+WRITE_URL_JS = """
+(...values) => {
+    const url = new URL(window.location.href);
+    KEYS.forEach((key, i) => url.searchParams.set(key, values[i]));
+    window.history.replaceState(null, "", url);
+}
+"""
+
+
+def value_from_query(widget: gr.components.Component, text: str):
+    """The value a query parameter stands for on `widget`, clamped to its range; gr.skip() if none."""
+    if isinstance(widget, (gr.Radio, gr.Dropdown)):
+        return next((value for _, value in widget.choices if str(value) == text), gr.skip())
+    try:
+        number = float(text)
+    except ValueError:
+        return gr.skip()
+    if not math.isfinite(number):
+        return gr.skip()
+    number = min(max(number, widget.minimum), widget.maximum)
+    return int(round(number)) if widget.precision == 0 else number
+
+
+def settings_from_query(widgets: dict[str, gr.components.Component], query: dict[str, str]) -> list:
+    """Widget values from the page URL's query parameters; widgets not named there stay as they are."""
+    return [value_from_query(w, query[key]) if key in query else gr.skip() for key, w in widgets.items()]
+
+
+# ------------------------------------------------------------------------------------- layout
+
+
+def example_images(examples_dir: str | Path | None) -> list[str]:
+    folder = Path(examples_dir) if examples_dir else None
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
+
+
+def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> gr.Blocks:
+    """The page: input and background on the left, sampling controls in the middle, mesh on the right."""
+    d = Settings()
+    lr_len, hr_len = pipe.mar_lr.cfg.seq_len, pipe.mar_hr.cfg.seq_len  # the samplers clamp steps to these
+
+    with gr.Blocks(title="MAR-3D", delete_cache=DELETE_CACHE, analytics_enabled=False) as demo:
+        gr.Markdown("# MAR-3D: one image → a 3D mesh\nMAR-LR samples coarse shape tokens, MAR-HR refines "
+                    "them; the viewer shows the LR preview first, then the HR mesh.")
+        with gr.Row():
+            with gr.Column():
+                image = with_clear_image_errors(gr.Image(label="Input image", type="filepath", image_mode=None,
+                                                         sources=["upload", "clipboard"]))  # None: keeps alpha
+                examples = example_images(examples_dir)
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[image], cache_examples=False)
+                background = gr.Radio([(BACKGROUND_LABELS[m], m) for m in BACKGROUND_MODES], value=d.background,
+                                      label="Background")
+                foreground_ratio = gr.Slider(0.5, 1.0, d.foreground_ratio, step=0.05, label="Foreground ratio",
+                                             info="object size in the condition image")
+                processed = gr.Image(label="Processed image (what the model sees)", format="png",
+                                     interactive=False)
+            with gr.Column():
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
+                    dice = gr.Button("🎲 Random seed", scale=1)
+                lr_steps = gr.Slider(1, lr_len, min(d.lr_steps, lr_len), step=1, precision=0, label="MAR-LR steps")
+                hr_steps = gr.Slider(1, hr_len, min(d.hr_steps, hr_len), step=1, precision=0, label="MAR-HR steps")
+                resolution = gr.Dropdown(RESOLUTIONS, value=str(d.resolution), label="Marching-cubes resolution")
+                export_format = gr.Dropdown([(f.upper(), f) for f in FORMATS], value="glb", label="Download format")
+                with gr.Accordion("Advanced", open=False):
+                    cfg_lr = gr.Slider(1.0, 10.0, d.cfg_lr, step=0.1, label="CFG scale, MAR-LR", info="1 = no guidance")
+                    cfg_hr = gr.Slider(1.0, 10.0, d.cfg_hr, step=0.1, label="CFG scale, MAR-HR")
+                    temperature = gr.Slider(0.1, 2.0, d.temperature, step=0.05, label="Temperature")
+                    diffusion_steps = gr.Slider(1, 250, d.diffusion_steps, step=1, precision=0,
+                                                label="Diffusion steps (per token)")
+                    cond_aug_t = gr.Slider(0.0, 1.0, d.cond_aug_t, step=0.05,
+                                           label="Condition augmentation t (MAR-HR's noise on the LR tokens)")
+                    target_faces = gr.Slider(0, 200_000, d.target_faces, step=1000, precision=0,
+                                             label="Target face count", info="0 = keep all faces")
+                run = gr.Button("Generate", variant="primary")
+            with gr.Column():
+                viewer = gr.Model3D(label="Mesh (LR preview, then HR)", height=420)
+                download = gr.File(label="Download", interactive=False)
+                stats_panel = gr.JSON(label="Stats")
+
+        # Keys are the Settings field names (and export_format): the API's parameter names and
+        # the URL's query keys.
+        widgets = dict(seed=seed, background=background, foreground_ratio=foreground_ratio, lr_steps=lr_steps,
+                       hr_steps=hr_steps, cfg_lr=cfg_lr, cfg_hr=cfg_hr, temperature=temperature,
+                       diffusion_steps=diffusion_steps, cond_aug_t=cond_aug_t, resolution=resolution,
+                       target_faces=target_faces, export_format=export_format)
+
+        run.click(functools.partial(generate, pipe), inputs=[image, *widgets.values()],
+                  outputs=[processed, viewer, download, stats_panel], api_name="generate")
+        dice.click(random_seed, outputs=seed, queue=False, api_visibility="private")
+
+        # A closure, not functools.partial: Gradio finds the gr.Request parameter by its type hint,
+        # which it cannot read through a partial.
+        def settings_from_url(request: gr.Request):
+            return settings_from_query(widgets, dict(request.query_params))
+
+        demo.load(settings_from_url, outputs=list(widgets.values()), api_visibility="private")
+        gr.on([w.change for w in widgets.values()], fn=None, inputs=list(widgets.values()),
+              js=WRITE_URL_JS.replace("KEYS", json.dumps(list(widgets))))
+    return demo
+
+
+# --------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="mar3d image-to-3D demo")
-    p.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoints"))
+    p = argparse.ArgumentParser(description="mar3d image-to-3D demo (Gradio)")
+    p.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoints"),
+                   help="directory with vae / mar_lr / mar_hr (.json + .safetensors each)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (goes online)")
+    p.add_argument("--concurrency", type=int, default=1, help="generations running at once")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more are refused")
+    p.add_argument("--examples", default=str(Path(__file__).parent / "assets"), help="folder of example images")
     args = p.parse_args(argv)
-    needed = ["vae.json", "vae.safetensors", "mar_lr.json", "mar_lr.safetensors", "mar_hr.json", "mar_hr.safetensors"]
-    missing = [n for n in needed if not (Path(args.checkpoint) / n).exists()]
+
+    missing = [n for n in CHECKPOINT_FILES if not (Path(args.checkpoint) / n).is_file()]
     if missing:
-        print(f"mar3d: no demo checkpoint yet in {args.checkpoint} (missing: {', '.join(missing)}).\n"
-              "The trained tiny cascade ships with the demo-checkpoint issue; the web UI with the web-demo issue.",
-              file=sys.stderr)
+        print(f"mar3d: no usable checkpoint in {args.checkpoint} (missing: {', '.join(missing)}).\n"
+              "Train one (README: python -m mar3d.train ...) or pass --checkpoint DIR.", file=sys.stderr)
         return 1
-    print("mar3d: the web UI is not built yet (web-demo issue).", file=sys.stderr)
-    return 1
+    try:
+        pipe = MAR3DPipeline.from_pretrained(args.checkpoint, args.device)
+    except CheckpointError as e:
+        print(f"mar3d: {e}", file=sys.stderr)
+        return 1
+
+    demo = build_demo(pipe, args.examples)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
 
 
 if __name__ == "__main__":
