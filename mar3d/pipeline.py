@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 import trimesh
+from PIL import Image
 
 from .checkpoint import load_model, save_model
 from .extract import ExtractionError, extract_mesh
@@ -45,7 +46,7 @@ class Settings:
 class Result:
     mesh: trimesh.Trimesh              # the HR mesh
     lr_mesh: trimesh.Trimesh | None    # the LR preview (None if not asked for or empty)
-    image: "PIL.Image.Image"           # the processed condition image  # noqa: F821
+    image: Image.Image                 # the processed condition image
     background_method: str             # which background removal ran
     seconds: dict                      # per stage
     lr_tokens: torch.Tensor            # (1, L_lr, C) VAE latents

@@ -84,7 +84,7 @@ def stage_prepare(r: Recipe, work: Path) -> None:
 
 def stage_render(r: Recipe, work: Path) -> None:
     """`views` RGBA renders per prepared shape, of the same normalised mesh, with their cameras."""
-    from mar3d.geometry import load_mesh, normalize_mesh
+    from mar3d.geometry import load_mesh
 
     done = timed_stage(work, "render")
     out = work / "renders"

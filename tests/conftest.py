@@ -21,11 +21,20 @@ MICRO_MAR = MARConfig(seq_len=8, token_dim=8, width=64, heads=2, enc_layers=1, d
 MICRO_MAR_HR = dataclasses.replace(MICRO_MAR, seq_len=32, lr_seq_len=8)
 
 
-def shared_mesh(name: str) -> Path:
-    path = SHARED / "meshes" / name
+def shared_file(folder: str, name: str) -> Path:
+    """A file of ../shared/data/<folder>; the test is skipped where the shared data is absent."""
+    path = SHARED / folder / name
     if not path.exists():
         pytest.skip(f"shared data not found: {path}")
     return path
+
+
+def shared_mesh(name: str) -> Path:
+    return shared_file("meshes", name)
+
+
+def shared_image(name: str) -> Path:
+    return shared_file("images", name)
 
 
 def write_synthetic_shape(path: Path, rng: np.random.Generator, n_surface=1024, n_pool=4096) -> None:

@@ -1,7 +1,6 @@
 """Tests for mar3d.geometry: loading, normalisation, inside labels, sampling, FPS order."""
 
 import time
-from pathlib import Path
 
 import igl
 import numpy as np
@@ -20,14 +19,7 @@ from mar3d.geometry import (
     sample_surface,
 )
 
-MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes"
-
-
-def real_mesh(name: str) -> Path:
-    path = MESHES / name
-    if not path.exists():
-        pytest.skip(f"shared mesh data not available: {path}")
-    return path
+from tests.conftest import shared_mesh as real_mesh
 
 
 def normalized(name: str) -> trimesh.Trimesh:

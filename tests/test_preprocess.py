@@ -16,14 +16,9 @@ from mar3d import preprocess as pp
 from mar3d.preprocess import ImageError, load_image, preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+from tests.conftest import SHARED, shared_image
 
-
-def shared_image(name: str) -> Path:
-    path = IMAGES / name
-    if not path.exists():
-        pytest.skip(f"shared image not found: {path}")
-    return path
+IMAGES = SHARED / "images"
 
 
 @pytest.fixture(autouse=True)

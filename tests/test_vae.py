@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mar3d.checkpoint import CheckpointError, load_model, save_model
-from mar3d.vae import PRESETS, PyramidVAE, VAEConfig
+from mar3d.vae import PRESETS, PyramidVAE
 
 from tests.conftest import MICRO_VAE as MICRO
 
