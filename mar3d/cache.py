@@ -31,7 +31,7 @@ def build_cache(vae, items: Iterable[tuple[str, np.ndarray, object]], out_dir: s
     names, images, lr, hr, pending = [], [], [], [], []
 
     def flush():
-        surface = torch.from_numpy(np.stack([p[1] for p in pending])).float()
+        surface = torch.from_numpy(np.stack(pending)).float()
         lr.append(vae.encode(surface, "lr"))
         hr.append(vae.encode(surface, "hr"))
         pending.clear()
@@ -39,7 +39,7 @@ def build_cache(vae, items: Iterable[tuple[str, np.ndarray, object]], out_dir: s
     for name, surface, image in items:
         names.append(name)
         images.append(np.asarray(preprocess_image(image, background, foreground_ratio, size=image_size).image))
-        pending.append((name, surface[: vae.cfg.num_points]))
+        pending.append(surface[: vae.cfg.num_points])
         if len(pending) == batch:
             flush()
     if pending:

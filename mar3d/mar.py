@@ -182,9 +182,9 @@ class MAR(nn.Module):
         tokens = torch.zeros(B, L, self.cfg.token_dim, device=device)
         mask = torch.ones(B, L, dtype=torch.bool, device=device)
         order = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)  # random generation order
+        both = (lambda t: torch.cat([t, t])) if cfg != 1.0 else (lambda t: t)  # noqa: E731 (cond; uncond)
         done = 0
         for step, count in enumerate(tokens_per_step(L, steps)):
-            both = (lambda t: torch.cat([t, t])) if cfg != 1.0 else (lambda t: t)
             z = self.decode(self.encode(both(tokens), prefix, both(mask)), both(mask))  # (B or 2B, L, W)
             positions = order[:, done: done + count]                                   # (B, count)
             done += count

@@ -100,7 +100,6 @@ class VAETask:
         train_files, val_files = split_files(data_dir, cfg.val_percent)
         self.train = ShapeBank(train_files, model_cfg.num_points)
         self.val = ShapeBank(val_files or train_files[:8], model_cfg.num_points)
-        self.val_is_train = not val_files
         self.train_probe = ShapeBank(train_files[:: max(1, len(train_files) // 32)][:32], model_cfg.num_points)
 
     def __len__(self) -> int:
