@@ -8,27 +8,17 @@ Every field of `mar3d.pipeline.Settings` is a flag. Exit code 0 when every image
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .cli import add_dataclass_flags, dataclass_from_args
 from .extract import ExtractionError
 from .mesh_io import FORMATS, export_mesh, mesh_stats
 from .pipeline import MAR3DPipeline, Settings
 from .preprocess import ImageError
-
-
-def settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field, so CLI defaults cannot drift from the pipeline's."""
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=f.default, metavar="BOOL")
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="checkpoints", help="directory with vae, mar_lr and mar_hr")
     p.add_argument("--device", default="cpu")
     p.add_argument("--format", choices=FORMATS, default="glb")
-    settings_flags(p)
+    add_dataclass_flags(p, Settings)
     args = p.parse_args(argv)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    settings = dataclass_from_args(Settings, args)
     try:
         pipe = MAR3DPipeline.from_pretrained(args.checkpoint, args.device)
     except (CheckpointError, FileNotFoundError) as e:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .cache import load_cache
 from .checkpoint import _atomic, save_model
+from .cli import add_dataclass_flags, dataclass_from_args, parse_bool
 from .data import ShapeBank, is_held_out, split_files
 from .mar import PRESETS as MAR_PRESETS
 from .mar import MAR, MARConfig
@@ -358,7 +359,7 @@ def parse_overrides(pairs: list[str], config_cls) -> dict:
         if key not in types:
             raise SystemExit(f"unknown model setting '{key}'; known: {', '.join(types)}")
         kind = types[key]
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        out[key] = parse_bool(value) if kind is bool else kind(value)
     return out
 
 
@@ -370,12 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny", help="model size preset")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a train state")
-    for f in dataclasses.fields(TrainConfig):  # one flag per TrainConfig field: defaults cannot drift
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default, metavar="BOOL")
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+    add_dataclass_flags(p, TrainConfig)
     args = p.parse_args(argv)
 
     task_cls = TASKS[args.task]
@@ -383,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown preset '{args.preset}'; known: {', '.join(task_cls.presets)}")
     base = task_cls.presets[args.preset]
     model_cfg = dataclasses.replace(base, **parse_overrides(args.set, type(base)))
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg = dataclass_from_args(TrainConfig, args)
     train(args.task, model_cfg, cfg, args.data, args.out, resume=not args.no_resume)
 
 
