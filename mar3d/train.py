@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -56,6 +57,7 @@ class TrainConfig:
     queries: int = 1024          # occupancy queries per shape and step (VAE)
     augment_yaw: bool = False    # VAE: turn each shape by a random angle about +Y (cylinder-normalised data)
     val_percent: float = 5.0     # held-out share of the prepared shapes (fixed hash split)
+    fscore_shapes: int = 8       # VAE: held-out shapes meshed at each evaluation (0 = IoU only)
     log_every: int = 50
     eval_every: int = 500
     save_every: int = 500
@@ -100,8 +102,11 @@ class VAETask:
         self.model_cfg, self.cfg = model_cfg, cfg
         train_files, val_files = split_files(data_dir, cfg.val_percent)
         self.train = ShapeBank(train_files, model_cfg.num_points)
-        self.val = ShapeBank(val_files or train_files[:8], model_cfg.num_points)
+        val_files = val_files or train_files[:8]
+        self.val = ShapeBank(val_files, model_cfg.num_points)
         self.train_probe = ShapeBank(train_files[:: max(1, len(train_files) // 32)][:32], model_cfg.num_points)
+        # a few held-out shapes with all their stored surface samples: the F-score curve
+        self.mesh_probe = [np.load(f)["surface"][:, :3] for f in val_files[: cfg.fscore_shapes]]
 
     def __len__(self) -> int:
         return len(self.train)
@@ -135,7 +140,32 @@ class VAETask:
                     logits, _ = model(b.surface, torch.cat([b.uniform, b.near], 1), tokens)
                     ious.append(occupancy_iou(logits > 0, torch.cat([b.uniform_labels, b.near_labels], 1)))
                 out[f"{split}_iou_{tokens}"] = round(torch.cat(ious).mean().item(), 4)
+        if self.mesh_probe:
+            out["val_fscore@0.05_hr"] = round(self.fscore(model, device), 4)
         return out
+
+    def fscore(self, model: PyramidVAE, device) -> float:
+        """Median F@0.05 of HR-token meshes (64³) against each shape's stored surface samples
+        (4,096 points, so a cheap proxy of the mar3d.evaluate number, biased low by the sparse
+        reference); an empty mesh scores 0."""
+        from scipy.spatial import cKDTree
+
+        from .extract import ExtractionError, extract_mesh
+        from .geometry import sample_surface
+
+        scores = []
+        for i, ref in enumerate(self.mesh_probe):
+            try:
+                latents = model.encode(self.val.surface[i: i + 1].to(device), "hr")
+                mesh, _ = extract_mesh(model.occupancy_fn(latents), resolution=64)
+            except ExtractionError:
+                scores.append(0.0)
+                continue
+            pred = sample_surface(mesh, 20_000, np.random.default_rng(0))[:, :3]
+            precision = (cKDTree(ref).query(pred)[0] < 0.05).mean()
+            recall = (cKDTree(pred).query(ref)[0] < 0.05).mean()
+            scores.append(2 * precision * recall / max(precision + recall, 1e-9))
+        return float(np.median(scores))
 
 
 def occupancy_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -120,3 +120,24 @@ def test_cli_errors(tmp_path):
     assert out.returncode == 2 and "junk.obj" in out.stderr
     helptext = run_cli("--help").stdout
     assert "halved" in helptext and "1.9" in helptext
+
+
+def test_cli_directories(tmp_path):
+    """Directory mode pairs meshes by stem; a missing prediction is a failure scored F = 0."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir(), gt.mkdir()
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    box = trimesh.creation.box((1.0, 0.4, 0.6))
+    sphere.export(gt / "a.obj"), box.export(gt / "b.ply"), box.export(gt / "c.ply")
+    sphere.export(pred / "a.ply")                  # right shape
+    sphere.export(pred / "b.ply")                  # wrong shape; c has no prediction
+    out = run_cli(pred, gt, "--json", "--points", 4000)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    rows = {r["shape"]: r for r in result["rows"]}
+    assert result["count"] == 3 and result["failed"] == 1 and "error" in rows["c"]
+    assert rows["a"]["fscore@0.05"] == 1.0 and rows["b"]["fscore@0.05"] < 0.9
+    assert result["summary"]["median_fscore@0.05"] == rows["b"]["fscore@0.05"]  # median of (1, F_b, 0)
+    assert result["summary"]["median_chamfer"] == pytest.approx((rows["a"]["chamfer"] + rows["b"]["chamfer"]) / 2)
+    table = run_cli(pred, gt, "--points", 2000)
+    assert table.returncode == 0 and "| fscore@0.05 |" in table.stdout

@@ -30,6 +30,7 @@ def test_lr_schedule():
 def test_train_writes_checkpoint_and_log(synthetic_data, tmp_path):
     last = train("vae", MICRO, FAST, synthetic_data, tmp_path)
     assert last["step"] == 12 and "val_iou_hr" in last and "train_iou_lr" in last
+    assert 0.0 <= last["val_fscore@0.05_hr"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "vae.log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and all(l == l for l in losses)  # logged at 4, 8, 12; finite
