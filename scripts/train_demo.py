@@ -2,11 +2,18 @@
 
     python scripts/train_demo.py --work data/demo --out checkpoints            # all stages, resumable
     python scripts/train_demo.py --work data/demo --out checkpoints --only vae # one stage
-    python scripts/train_demo.py ... --device cuda --set vae_steps=20000       # a larger run on a GPU
+    python scripts/train_demo.py ... --set device=cuda vae_steps=20000         # a larger run on a GPU
 
 Every stage writes its outputs under --work and skips what is already there, and the training
 stages resume from their last train state, so an interrupted run continues where it stopped.
 Each stage's wall time is appended to <work>/stages.jsonl (for the model card). CI never runs this.
+
+MAR-LR and MAR-HR both train on the latent cache (MAR-HR is conditioned on the cached LR tokens,
+not on MAR-LR samples), so with `parallel_mar` they run at the same time, one CPU thread each:
+on small models two single-thread processes get more done than one two-thread process.
+The evaluation stages write meshes under <work>/eval/ and score them with mar3d.evaluate:
+    python -m mar3d.evaluate <work>/eval/vae <work>/eval/gt_shape      # VAE reconstruction
+    python -m mar3d.evaluate <work>/eval/image <work>/eval/gt_view     # image → 3D
 """
 
 import argparse
@@ -24,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mar3d.cache import CACHE_FILE, build_cache  # noqa: E402
 from mar3d.checkpoint import load_model  # noqa: E402
+from mar3d.cli import parse_bool  # noqa: E402
+from mar3d.extract import extract_mesh  # noqa: E402
 from mar3d.geometry import PrepareConfig  # noqa: E402
 from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
 from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
@@ -50,6 +59,8 @@ class Recipe:
     mar_hr_steps: int = 6000
     mar_batch: int = 32
     mar_lr: float = 5e-4
+    parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
+    eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
     device: str = "cpu"
 
 
@@ -107,16 +118,18 @@ def stage_render(r: Recipe, work: Path) -> None:
     done(rendered=count)
 
 
-def stage_train(r: Recipe, work: Path, out: Path, task: str) -> None:
+def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -> None:
     done = timed_stage(work, task)
     if task == "vae":
         cfg = TrainConfig(steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, min_lr=r.vae_lr / 10,
-                          augment_yaw=True, val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250)
+                          augment_yaw=True, val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250,
+                          threads=threads)
         last = train("vae", VAE_PRESETS["tiny"], cfg, work / "prepared", out)
     else:
         steps = r.mar_lr_steps if task == "mar_lr" else r.mar_hr_steps
         cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_lr, min_lr=r.mar_lr / 10,
-                          val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250)
+                          val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250,
+                          threads=threads)
         last = train(task, MAR_PRESETS["tiny"], cfg, work / "cache", out)
     done(**last)
 
@@ -140,60 +153,108 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
     done(**build_cache(vae, items(), work / "cache", image_size=image_size))
 
 
-def stage_evaluate(r: Recipe, work: Path, out: Path, limit: int = 200) -> None:
-    """Held-out numbers with the mar3d.evaluate protocol: VAE reconstruction (HR tokens) and
-    image → 3D from view 0 of each held-out shape, against the shape turned into that view."""
-    import statistics
-
-    import torch
-
+def held_out_shapes(r: Recipe, work: Path) -> list[Path]:
     from mar3d.data import is_held_out
-    from mar3d.extract import ExtractionError
+
+    return [f for f in sorted((work / "prepared").glob("*.npz")) if is_held_out(f.stem, r.val_percent)][: r.eval_shapes]
+
+
+def ground_truth(work: Path, npz: Path):
+    """The held-out shape in its prepared frame and turned into the frame of its view 0."""
     from mar3d.geometry import load_mesh
-    from mar3d.metrics import compare_meshes
-    from mar3d.pipeline import MAR3DPipeline
     from mar3d.render import rotate_mesh_to_view
 
-    done = timed_stage(work, "evaluate")
-    pipe = MAR3DPipeline.from_pretrained(out)
-    rows = []
-    for npz in sorted((work / "prepared").glob("*.npz")):
-        if not is_held_out(npz.stem, r.val_percent) or len(rows) >= limit:
+    data = np.load(npz)
+    mesh = load_mesh(work / "shapes" / str(data["source"]))
+    mesh.vertices = (mesh.vertices - data["center"]) * data["scale"]
+    camera = Camera.from_dict(json.loads((work / "renders" / npz.stem / "cameras.json").read_text())[0])
+    return mesh, rotate_mesh_to_view(mesh, camera)
+
+
+def stage_eval_vae(r: Recipe, work: Path, out: Path) -> None:
+    """VAE reconstruction of each held-out shape from its HR tokens → <work>/eval/vae, scored
+    against <work>/eval/gt_shape with mar3d.evaluate. Resumable: existing meshes are kept."""
+    import torch
+
+    from mar3d.extract import ExtractionError
+
+    done = timed_stage(work, "eval_vae")
+    vae = load_model(out, "vae")
+    ev = work / "eval"
+    for d in ("vae", "gt_shape", "gt_view"):
+        (ev / d).mkdir(parents=True, exist_ok=True)
+    for npz in held_out_shapes(r, work):
+        name = f"{npz.stem}.ply"
+        if not (ev / "gt_view" / name).exists():
+            shape, view = ground_truth(work, npz)
+            shape.export(ev / "gt_shape" / name)
+            view.export(ev / "gt_view" / name)
+        if (ev / "vae" / name).exists():
             continue
-        data = np.load(npz)
-        gt = load_mesh(work / "shapes" / str(data["source"]))
-        gt.vertices = (gt.vertices - data["center"]) * data["scale"]
-        row = {"shape": npz.stem}
+        latents = vae.encode(torch.from_numpy(np.load(npz)["surface"][None]).float(), "hr")
         try:
-            latents = pipe.vae.encode(torch.from_numpy(data["surface"][None]).float(), "hr")
-            row["vae"] = compare_meshes(pipe.extract(latents, pipe_settings()), gt, n_points=20_000)
+            mesh, _ = extract_mesh(vae.occupancy_fn(latents), resolution=eval_settings().resolution)
+            mesh.export(ev / "vae" / name)
         except ExtractionError:
-            row["vae"] = None
-        camera = Camera.from_dict(json.loads((work / "renders" / npz.stem / "cameras.json").read_text())[0])
+            pass  # no mesh: mar3d.evaluate counts it as a failure
+    done(**score(ev / "vae", ev / "gt_shape"))
+
+
+def stage_eval_image(r: Recipe, work: Path, out: Path) -> None:
+    """Image → 3D from view 0 of each held-out shape (the pipeline at its defaults, seed 0) →
+    <work>/eval/image, scored against the shape turned into that view (<work>/eval/gt_view)."""
+    from mar3d.extract import ExtractionError
+    from mar3d.pipeline import MAR3DPipeline
+
+    done = timed_stage(work, "eval_image")
+    pipe = MAR3DPipeline.from_pretrained(out)
+    ev = work / "eval"
+    (ev / "image").mkdir(parents=True, exist_ok=True)
+    seconds = []
+    for npz in held_out_shapes(r, work):
+        target = ev / "image" / f"{npz.stem}.ply"
+        if target.exists():
+            continue
         try:
-            mesh = pipe(work / "renders" / npz.stem / "0.png", pipe_settings()).mesh
-            row["image"] = compare_meshes(mesh, rotate_mesh_to_view(gt, camera), n_points=20_000)
+            result = pipe(work / "renders" / npz.stem / "0.png", eval_settings())
+            result.mesh.export(target)
+            seconds.append(sum(result.seconds.values()))
         except ExtractionError:
-            row["image"] = None
-        rows.append(row)
-
-    def median(kind, key):
-        return statistics.median(row[kind][key] if row[kind] else 0.0 for row in rows)
-
-    summary = {f"{kind}_{key}": round(median(kind, key), 4) for kind in ("vae", "image")
-               for key in ("fscore@0.05", "fscore@0.02", "chamfer")}
-    (work / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    done(shapes=len(rows), **summary)
+            pass
+    done(**score(ev / "image", ev / "gt_view"), mean_seconds=round(float(np.mean(seconds)), 2) if seconds else None)
 
 
-def pipe_settings():
-    """Evaluation settings: the pipeline's defaults (what a user gets), seed 0."""
+def score(pred: Path, gt: Path) -> dict:
+    from mar3d.evaluate import evaluate_dirs
+
+    result = evaluate_dirs(pred, gt)  # the CLI's defaults: 100k points, seed 0, normalised
+    (pred.parent / f"{pred.name}.json").write_text(json.dumps(result, indent=1))
+    return {"shapes": result["count"], "failed": result["failed"],
+            **{k: round(v, 4) for k, v in result["summary"].items()}}
+
+
+def eval_settings():
+    """Evaluation settings: the pipeline's defaults (what a user gets), seed 0, no LR preview."""
     from mar3d.pipeline import Settings
 
     return Settings(seed=0, lr_mesh=False)
 
 
-STAGES = ("shapes", "prepare", "render", "vae", "cache", "mar_lr", "mar_hr", "evaluate")
+STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "mar_lr", "mar_hr", "eval_image")
+
+
+def train_mar_parallel(r: Recipe, work: Path, out: Path) -> None:
+    """MAR-LR and MAR-HR in two processes at once, one thread each."""
+    import multiprocessing as mp
+
+    procs = [mp.get_context("spawn").Process(target=stage_train, args=(r, work, out, task, 1))
+             for task in ("mar_lr", "mar_hr")]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode for proc in procs):
+        raise SystemExit(f"MAR training failed (exit codes {[proc.exitcode for proc in procs]})")
 
 
 def main(argv=None) -> None:
@@ -204,7 +265,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Recipe overrides")
     args = p.parse_args(argv)
     types = {f.name: f.type for f in dataclasses.fields(Recipe)}
-    recipe = Recipe(**{k: types[k](v) for k, v in (s.split("=", 1) for s in args.set)})
+    recipe = Recipe(**{k: parse_bool(v) if types[k] is bool else types[k](v) for k, v in (s.split("=", 1) for s in args.set)})
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
@@ -217,8 +278,14 @@ def main(argv=None) -> None:
             stage_render(recipe, work)
         elif stage == "cache":
             stage_cache(recipe, work, out)
-        elif stage == "evaluate":
-            stage_evaluate(recipe, work, out)
+        elif stage == "eval_vae":
+            stage_eval_vae(recipe, work, out)
+        elif stage == "eval_image":
+            stage_eval_image(recipe, work, out)
+        elif stage == "mar_lr" and recipe.parallel_mar and args.only is None:
+            train_mar_parallel(recipe, work, out)
+        elif stage == "mar_hr" and recipe.parallel_mar and args.only is None:
+            continue  # trained beside MAR-LR
         else:
             stage_train(recipe, work, out, stage)
 
