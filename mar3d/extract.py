@@ -26,6 +26,7 @@ from skimage.measure import marching_cubes
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 DEFAULT_BOUNDS = 1.05
+DATA_EXTENT = 0.95  # training shapes lie inside ±0.95 (normalised to a longest side of 1.9)
 # Coarsest dense level of the hierarchy. 64 cells (spacing 0.033 in [-1.05, 1.05]) rather
 # than 32: at 256^3 it costs only ~275k extra queries (<2% of dense) and halves the size of
 # a thin part that can hide between coarse samples (see hierarchical_grid).
@@ -246,13 +247,19 @@ def grid_to_mesh(grid: np.ndarray, bounds: float = DEFAULT_BOUNDS,
 
 
 def postprocess(mesh: trimesh.Trimesh, min_component_fraction: float = 0.01,
-                target_faces: int | None = None) -> trimesh.Trimesh:
+                target_faces: int | None = None, keep_within: float | None = None) -> trimesh.Trimesh:
     """Drop floaters, optionally decimate, fix winding, compute vertex normals.
 
     Floaters: connected components whose surface AREA is below ``min_component_fraction`` of
     the largest component's area are removed. Area, not face count, so the rule does not
     depend on the resolution or on decimation; 1 % removes decoder noise blobs (typically
     <0.1 %) while keeping genuine detached parts such as wheels or handles.
+    With ``keep_within``, components reaching beyond that |coordinate| are dropped too:
+    extract_mesh passes the middle of the gap between the training shapes' extent (±0.95) and
+    the decoded box (±1.05), so what goes there is the field misbehaving outside the training
+    volume (seen in the box corners, where yaw-augmented training samples are rare), and
+    marching cubes would leave it cut open by the grid's faces, not watertight. The largest
+    component is always kept.
     Returns a new mesh; the input is left unchanged.
     """
     mesh = mesh.copy()
@@ -260,12 +267,15 @@ def postprocess(mesh: trimesh.Trimesh, min_component_fraction: float = 0.01,
     mesh.remove_unreferenced_vertices()
     if len(mesh.faces) == 0:
         raise ExtractionError("mesh has no faces")
-    if min_component_fraction > 0:
+    if min_component_fraction > 0 or keep_within is not None:
         parts = mesh.split(only_watertight=False)
         if len(parts) > 1:
             areas = np.array([p.area for p in parts])
-            keep = [p for p, a in zip(parts, areas) if a >= min_component_fraction * areas.max()]
-            mesh = trimesh.util.concatenate(keep)
+            keep = areas >= min_component_fraction * areas.max()
+            if keep_within is not None:
+                keep &= np.array([np.abs(p.bounds).max() <= keep_within for p in parts])
+            keep[areas.argmax()] = True
+            mesh = trimesh.util.concatenate([p for p, k in zip(parts, keep) if k])
     if target_faces is not None and len(mesh.faces) > target_faces:
         mesh = mesh.simplify_quadric_decimation(face_count=int(target_faces))
     trimesh.repair.fix_normals(mesh, multibody=True)
@@ -292,7 +302,8 @@ def extract_mesh(decode_fn: DecodeFn, resolution: int = 256, hierarchical: bool 
     else:
         grid, n_queries = dense_grid(decode_fn, resolution, bounds, chunk)
     t1 = time.perf_counter()
-    mesh = postprocess(grid_to_mesh(grid, bounds), target_faces=target_faces)
+    keep_within = (DATA_EXTENT + bounds) / 2 if bounds > DATA_EXTENT else None
+    mesh = postprocess(grid_to_mesh(grid, bounds), target_faces=target_faces, keep_within=keep_within)
     t2 = time.perf_counter()
     stats = {"n_queries": int(n_queries), "decode_seconds": t1 - t0, "mesh_seconds": t2 - t1,
              "n_vertices": len(mesh.vertices), "n_faces": len(mesh.faces),

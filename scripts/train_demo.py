@@ -261,7 +261,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="data/demo", help="where data and intermediate files go")
     p.add_argument("--out", default="checkpoints", help="checkpoint directory (vae, mar_lr, mar_hr)")
-    p.add_argument("--only", choices=STAGES, help="run one stage")
+    p.add_argument("--only", choices=STAGES + ("mar",), help="run one stage ('mar': MAR-LR and MAR-HR side by side)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Recipe overrides")
     args = p.parse_args(argv)
     types = {f.name: f.type for f in dataclasses.fields(Recipe)}
@@ -269,6 +269,8 @@ def main(argv=None) -> None:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    if args.only == "mar":
+        return train_mar_parallel(recipe, work, out)
     for stage in STAGES if args.only is None else (args.only,):
         if stage == "shapes":
             stage_shapes(recipe, work)

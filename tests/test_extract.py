@@ -159,3 +159,18 @@ def test_grid_helpers_match_torch_reference():
     corners = F.max_pool3d(fine, 2, 1, 1)  # corners of marked fine cells ...
     halo = F.max_pool3d(corners, 3, 1, 1)[0, 0].numpy() > 0  # ... plus one point
     np.testing.assert_array_equal(_refine_points(cells), halo)
+
+
+def test_extract_drops_parts_at_the_box_faces():
+    """Occupancy that reaches the decoded box's faces (outside the ±0.95 training volume) is an
+    open, cut surface: extract_mesh drops it; parts inside the volume stay, the mesh is watertight."""
+    body = lambda p: sd_sphere(p, [0.0, 0.0, 0.0], 0.5)  # noqa: E731
+    wheel = lambda p: sd_sphere(p, [0.0, -0.7, 0.6], 0.12)  # noqa: E731  a real detached part
+    corner = lambda p: sd_box(p, [-1.05, 0.3, 1.05], [0.12, 0.12, 0.12])  # noqa: E731  cut by the box
+    sdf = lambda p: union(union(body(p), wheel(p)), corner(p))  # noqa: E731
+    raw = postprocess(grid_to_mesh(dense_grid(lambda p: -50.0 * sdf(p), 64)[0]), keep_within=None)
+    assert len(raw.split(only_watertight=False)) == 3 and not raw.is_watertight
+    mesh, _ = extract_mesh(lambda p: -50.0 * sdf(p), resolution=64)
+    parts = mesh.split(only_watertight=False)
+    assert len(parts) == 2 and mesh.is_watertight
+    assert np.abs(mesh.bounds).max() < 0.95
