@@ -1,0 +1,152 @@
+"""The web demo in a real browser: Debian's chromium, headless, driven by Playwright.
+
+The app (app.py) is launched on 127.0.0.1 as tests/test_app.py does; the browser uploads a shared
+photo, presses Generate at the page's default settings, waits until the Model3D viewer's canvas
+shows the mesh (pixels other than the background colour; headless chromium draws WebGL with
+SwiftShader), downloads the output file and loads it with trimesh, and saves a screenshot.
+
+Checkpoint: $MAR3D_BROWSER_CHECKPOINT if set, else the shipped checkpoints/ when all six files are
+there, else the micro cascade of tests/conftest.py. $MAR3D_BROWSER_SCREENSHOT names where the page
+screenshot goes (default: the test's tmp_path). Needs `apt-get install -y chromium` and the
+`playwright` package of requirements-dev.txt (its own browser download is not used); skipped,
+with the reason, where either is missing.
+"""
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+import app
+from mar3d.pipeline import MAR3DPipeline
+from tests.conftest import SHARED
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIR = SHARED / "images" / "instantmesh_chair_wood.jpg"
+CHROMIUM = os.environ.get("MAR3D_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+NO_PHONING_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
+TIMEOUT_S = 600  # one generation on a busy 2-core CPU, at the page's default settings
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install -r requirements-dev.txt)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                       reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium, or set MAR3D_CHROMIUM)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(request) -> Path:
+    named = os.environ.get("MAR3D_BROWSER_CHECKPOINT")
+    if named:
+        return Path(named)
+    shipped = REPO / "checkpoints"
+    if all((shipped / name).is_file() for name in app.CHECKPOINT_FILES):
+        return shipped
+    root, _ = request.getfixturevalue("tiny_cascade")
+    return root / "cascade"
+
+
+@pytest.fixture(scope="module")
+def app_url(checkpoint, tmp_path_factory):
+    """The demo on 127.0.0.1, launched as main() does, without example images."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in NO_PHONING_HOME.items():
+            mp.setenv(key, value)
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio_cache")))  # not the shared /tmp/gradio
+        demo = app.build_demo(MAR3DPipeline.from_pretrained(checkpoint), examples_dir=None)
+        demo.queue(default_concurrency_limit=1, max_size=8)
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            yield demo.local_url
+        finally:
+            demo.close()
+
+
+def drawn_pixels(png: bytes, tolerance: int = 12) -> int:
+    """Pixels of a viewer screenshot that differ from the background (the most common colour along its
+    border), below the label and buttons the viewer lays over the top of its canvas."""
+    import io
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    values, counts = np.unique(border, axis=0, return_counts=True)
+    background = values[counts.argmax()]
+    below_overlays = rgb[rgb.shape[0] // 8:]
+    return int(np.sum(np.abs(below_overlays - background).max(axis=-1) > tolerance))
+
+
+def block(page, label: str):
+    """The Gradio block whose label is `label`."""
+    return page.locator(".block").filter(has=page.get_by_text(label, exact=True)).last
+
+
+def test_generate_in_the_browser(app_url, tmp_path):
+    if not CHAIR.exists():
+        pytest.skip(f"shared image not found: {CHAIR}")
+    screenshot = Path(os.environ.get("MAR3D_BROWSER_SCREENSHOT") or tmp_path / "screenshot.png")
+    blocked: list[str] = []
+
+    def loopback_only(route):
+        host = urlsplit(route.request.url).hostname or ""
+        if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:  # nothing leaves the machine: fonts or anything else from outside are refused
+            blocked.append(host)
+            route.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--enable-unsafe-swiftshader", "--use-angle=swiftshader"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.route("**/*", loopback_only)
+            page.set_default_timeout(60_000)
+            page.goto(app_url, wait_until="domcontentloaded")
+
+            page.locator("input[type=file]").first.set_input_files(str(CHAIR))
+            block(page, "Input image").locator("img").first.wait_for()  # the upload is shown
+            t0 = time.perf_counter()
+            page.get_by_role("button", name="Generate", exact=True).click()
+
+            # the final outputs: a download link, and the viewer's canvas drawing the mesh
+            link = block(page, "Download").locator("a[download]").first
+            link.wait_for(timeout=TIMEOUT_S * 1000)
+            canvas = block(page, "Mesh (LR preview, then HR)").locator("canvas").first
+            canvas.wait_for()
+            drawn, deadline = 0, time.monotonic() + 300  # the viewer loads Babylon.js lazily: slow on a busy CPU
+            while time.monotonic() < deadline:
+                drawn = drawn_pixels(canvas.screenshot())
+                if drawn > 500:
+                    break
+                page.wait_for_timeout(1000)
+            print(f"\nbrowser: generation {time.perf_counter() - t0:.1f} s; canvas pixels drawn {drawn}; "
+                  f"refused hosts {sorted(set(blocked))}")
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert drawn > 500, f"the viewer canvas shows no mesh (screenshot: {screenshot})"
+
+            with page.expect_download() as info:
+                link.click()
+            path = tmp_path / info.value.suggested_filename
+            info.value.save_as(path)
+            mesh = trimesh.load(path, force="mesh")
+            assert len(mesh.faces) > 0 and np.all(np.abs(mesh.bounds) <= 1.05)
+            assert not errors, errors
+        finally:
+            browser.close()
