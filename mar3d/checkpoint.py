@@ -59,7 +59,11 @@ def load_model(directory: str | Path, name: str, device: str | torch.device = "c
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({e})") from e
-    model = header["model_cls"](header["config_obj"])
+    try:
+        model = header["model_cls"](header["config_obj"])
+    except Exception as e:  # a config of the right fields but unusable values ("width": "wide")
+        raise CheckpointError(f"{Path(directory) / f'{name}.json'}: not a valid mar3d model config "
+                              f"({type(e).__name__}: {e})") from e
     expected = {k for k in model.state_dict() if not k.startswith(_frozen(model))}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

@@ -4,7 +4,8 @@
         [--cfg-lr W] [--cfg-hr W] [--temperature T] [--resolution R] [--format glb|obj|ply|stl] ...
 
 Every field of `mar3d.pipeline.Settings` is a flag. Exit code 0 when every image gave a mesh,
-1 when some failed (each failure is a JSON line with its reason), 2 when the checkpoint is unusable.
+1 when some failed (each failure is a JSON line with its reason), 2 when the checkpoint is unusable
+or a setting is out of range (NaN, 0 steps...).
 """
 
 import argparse
@@ -15,10 +16,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .cli import add_dataclass_flags, dataclass_from_args
-from .extract import ExtractionError
 from .mesh_io import FORMATS, export_mesh, mesh_stats
 from .pipeline import MAR3DPipeline, Settings
-from .preprocess import ImageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_flags(p, Settings)
     args = p.parse_args(argv)
     settings = dataclass_from_args(Settings, args)
+    try:
+        settings.check()
+    except ValueError as e:
+        p.error(str(e))  # exit 2, before loading any model
     try:
         pipe = MAR3DPipeline.from_pretrained(args.checkpoint, args.device)
     except (CheckpointError, FileNotFoundError) as e:
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             path = export_mesh(result.mesh, out / f"{Path(image).stem}.{args.format}")
             record = {"image": image, "output": str(path), "background": result.background_method,
                       "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, **mesh_stats(result.mesh)}
-        except (ImageError, ExtractionError, ValueError, OSError) as e:
+        except Exception as e:  # ImageError, ExtractionError, OSError... or a fault in the model: next image
             failed += 1
             record = {"image": image, "error": f"{type(e).__name__}: {e}"}
         record["total_seconds"] = round(time.perf_counter() - t, 3)

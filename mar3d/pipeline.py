@@ -8,6 +8,8 @@ image → preprocess → MAR-LR → (LR mesh, a preview) → MAR-HR → HR token
 """
 
 import dataclasses
+import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from PIL import Image
 
 from .checkpoint import load_model, save_model
 from .extract import ExtractionError, extract_mesh
-from .preprocess import preprocess_image
+from .preprocess import BACKGROUND_MODES, preprocess_image
 
 
 @dataclass
@@ -40,6 +42,28 @@ class Settings:
     resolution: int = 128           # marching-cubes cells per axis
     target_faces: int = 0           # 0 = keep all faces
     lr_mesh: bool = True            # also extract the LR mesh (the preview)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting no run can use (NaN, 0 steps, a 4096³ grid...)."""
+        def bad(name, want):
+            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        for name, lo, hi in (("seed", 0, 2**63 - 1), ("lr_steps", 1, None), ("hr_steps", 1, None),
+                             ("diffusion_steps", 1, 1000), ("resolution", 8, 512), ("target_faces", 0, None)):
+            v = getattr(self, name)
+            if not is_int(v) or v < lo or (hi is not None and v > hi):
+                bad(name, f"an integer from {lo}" + (f" to {hi}" if hi is not None else " up"))
+        if self.background not in BACKGROUND_MODES:
+            bad("background", f"one of {BACKGROUND_MODES}")
+        for name, lo, hi in (("foreground_ratio", 0.1, 1.0), ("cfg_lr", 0.0, None), ("cfg_hr", 0.0, None),
+                             ("temperature", 0.0, None), ("cond_aug_t", 0.0, 1.0)):
+            v = getattr(self, name)
+            if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < lo
+                    or (hi is not None and v > hi)):
+                bad(name, f"a finite number from {lo}" + (f" to {hi}" if hi is not None else " up"))
 
 
 @dataclass
@@ -79,6 +103,7 @@ class MAR3DPipeline:
                  progress: Progress | None = None, **overrides) -> Result:
         """Generate a mesh from `image` (path, bytes, array or PIL image). Keyword overrides patch `settings`."""
         s = dataclasses.replace(settings or Settings(), **overrides)
+        s.check()
         seconds = {}
         t = time.perf_counter()
         pre = preprocess_image(image, s.background, s.foreground_ratio, size=self.image_size)

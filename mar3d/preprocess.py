@@ -30,6 +30,9 @@ from scipy import ndimage
 
 BACKGROUND_MODES = ("auto", "remove", "none")
 DEFAULT_MAX_PIXELS = 40_000_000
+# Files claiming more pixels than this (10,000×10,000) are refused before decoding: a small file
+# can claim a huge size (a decompression bomb). Pillow's own check (Image.MAX_IMAGE_PIXELS) stays on.
+MAX_IMAGE_PIXELS = 100_000_000
 DEFAULT_REMBG_MODEL = "u2net"
 
 # A pixel belongs to the object when its alpha exceeds this (of 255): ignores near-invisible
@@ -139,11 +142,15 @@ def _open(data: bytes, what: str) -> Image.Image:
     """Image.open with Pillow's errors turned into ImageError (decoding is lazy: see _load)."""
     try:
         # Pillow's decompression-bomb check stays on: it refuses absurd sizes before decoding.
-        return Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what} is too large to decode safely: {e}") from e
     except Exception as e:  # UnidentifiedImageError and friends
         raise ImageError(f"{what} is not an image Pillow can read: {e}") from e
+    if im.width * im.height > MAX_IMAGE_PIXELS:  # the header's size: nothing decoded yet
+        raise ImageError(f"{what} is too large: {im.width}×{im.height} pixels, more than the "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels accepted")
+    return im
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
