@@ -29,20 +29,23 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 import argparse
 import functools
 import json
+import logging
 import math
+import numbers
 import random
 import sys
 import tempfile
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from mar3d.app_state import stream_pipeline
 from mar3d.checkpoint import CheckpointError
 from mar3d.extract import ExtractionError
 from mar3d.mesh_io import FORMATS, ExportError, export_mesh, mesh_stats
 from mar3d.pipeline import MAR3DPipeline, Settings
-from mar3d.preprocess import BACKGROUND_MODES, ImageError
+from mar3d.preprocess import BACKGROUND_MODES, MAX_IMAGE_PIXELS, ImageError
 
 CHECKPOINT_FILES = [f"{name}.{ext}" for name in ("vae", "mar_lr", "mar_hr") for ext in ("json", "safetensors")]
 EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -52,6 +55,12 @@ RESOLUTIONS = ["64", "128", "256"]
 BACKGROUND_LABELS = {"auto": "auto (keep alpha, else remove)", "remove": "remove", "none": "none (keep as is)"}
 # Gradio's cache (uploads, returned files): every 10 minutes, delete what is older than an hour.
 DELETE_CACHE = (600, 3600)
+# Limits, on purpose (README, "Limits and failure behaviour"): Gradio refuses bigger uploads before
+# they reach the app; Pillow (opening the upload) warns above MAX_IMAGE_PIXELS and refuses twice that,
+# mar3d.preprocess refuses above it with a message, and downsizes anything over 40 megapixels.
+MAX_FILE_SIZE = "20mb"
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+log = logging.getLogger("mar3d.app")
 
 
 def with_clear_image_errors(widget: gr.Image) -> gr.Image:
@@ -64,9 +73,37 @@ def with_clear_image_errors(widget: gr.Image) -> gr.Image:
     def checked(payload):
         try:
             return preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        except gr.Error:
+            raise
+        except Image.DecompressionBombError as e:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"{name} is too large: images over {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are "
+                           "refused.") from e
+        except Exception as e:  # PIL.UnidentifiedImageError (an OSError), SyntaxError, ValueError...
             name = getattr(payload, "orig_name", None) or "the upload"
             raise gr.Error(f"{name} is not a readable image ({type(e).__name__}).") from e
+
+    widget.preprocess = checked
+    return widget
+
+
+def with_checked_value(widget: gr.components.Component, name: str) -> gr.components.Component:
+    """Make `widget` refuse an API value its page could never send (NaN, out of range, missing, not a
+    choice) with a message naming the parameter, rather than failing deep in the pipeline."""
+    preprocess = widget.preprocess
+    if isinstance(widget, (gr.Radio, gr.Dropdown)):
+        choices = [value for _, value in widget.choices]
+        valid, expected = (lambda v: v in choices), f"one of {choices}"
+    else:
+        lo, hi = widget.minimum, widget.maximum
+        valid = lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+                           and lo <= v <= hi)
+        expected = f"a number from {lo} to {hi}"
+
+    def checked(payload):
+        if not valid(payload):
+            raise gr.Error(f"Invalid settings: {name} must be {expected}, got {payload!r}.")
+        return preprocess(payload)
 
     widget.preprocess = checked
     return widget
@@ -107,6 +144,9 @@ def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_
             download = viewer
             if export_format != "glb":
                 download = export_mesh(result.mesh, name.with_suffix("." + export_format))
+            # a file rather than a PIL image: Gradio then tracks its cached copy, which DELETE_CACHE sweeps
+            processed = Path(folder) / "processed.png"
+            result.image.save(processed)
         except ImageError as e:
             raise gr.Error(f"Cannot use this image: {e}") from e
         except ExtractionError as e:
@@ -115,7 +155,11 @@ def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_
             raise gr.Error(f"Could not write the mesh: {e}") from e
         except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
             raise gr.Error(f"Invalid settings: {e}") from e
-        yield result.image, str(viewer), str(download), stats(result, settings)
+        except Exception as e:  # a fault in the model (out of memory...): this request fails, the app serves on
+            log.exception("generation failed")
+            raise gr.Error(f"Generation failed ({type(e).__name__}); please try again. "
+                           "The server log has the details.") from e
+        yield str(processed), str(viewer), str(download), stats(result, settings)
 
 
 def stats(result, settings: Settings) -> dict:
@@ -228,6 +272,8 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
                        hr_steps=hr_steps, cfg_lr=cfg_lr, cfg_hr=cfg_hr, temperature=temperature,
                        diffusion_steps=diffusion_steps, cond_aug_t=cond_aug_t, resolution=resolution,
                        target_faces=target_faces, export_format=export_format)
+        for key, widget in widgets.items():
+            with_checked_value(widget, key)
 
         run.click(functools.partial(generate, pipe), inputs=[image, *widgets.values()],
                   outputs=[processed, viewer, download, stats_panel], api_name="generate")
@@ -272,9 +318,16 @@ def main(argv=None) -> int:
         return 1
 
     demo = build_demo(pipe, args.examples)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    serve(demo, args.concurrency, args.max_queue, server_name=args.host, server_port=args.port, share=args.share)
     return 0
+
+
+def serve(demo: gr.Blocks, concurrency: int = 1, max_queue: int = 16, **launch) -> gr.Blocks:
+    """Queue and launch with the demo's limits: `concurrency` generations at once, `max_queue` waiting
+    (more are answered "queue is full"), uploads up to MAX_FILE_SIZE."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    demo.launch(max_file_size=MAX_FILE_SIZE, **launch)
+    return demo
 
 
 if __name__ == "__main__":
