@@ -63,14 +63,14 @@ def checkpoint(request) -> Path:
 
 @pytest.fixture(scope="module")
 def app_url(checkpoint, tmp_path_factory):
-    """The demo on 127.0.0.1, launched as main() does, without example images."""
+    """The demo on 127.0.0.1, queued and launched by app.serve as main() does, without example images."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in NO_PHONING_HOME.items():
             mp.setenv(key, value)
         mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio_cache")))  # not the shared /tmp/gradio
         demo = app.build_demo(MAR3DPipeline.from_pretrained(checkpoint), examples_dir=None)
-        demo.queue(default_concurrency_limit=1, max_size=8)
-        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+        app.serve(demo, concurrency=1, max_queue=8, server_name="127.0.0.1", server_port=free_port(),
+                  prevent_thread_lock=True, quiet=True)
         try:
             yield demo.local_url
         finally:
