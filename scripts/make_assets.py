@@ -11,6 +11,7 @@ Shapes are picked by a fixed rule (the first held-out shape of each listed famil
 """
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -83,8 +84,6 @@ def main() -> None:
     draw = ImageDraw.Draw(sheet)
     for k, text in enumerate(header):
         draw.text((k * TILE + 8, 4), text, fill="black")
-    import json
-
     for r, (name, image) in enumerate(rows):
         result = pipe(image, Settings(seed=0))
         camera, gt = None, None
