@@ -1,6 +1,7 @@
-"""The web demo (app.py): a gradio_client session against the app launched on loopback, on the
-micro cascade of tests/conftest.py, plus the helpers that need no server."""
+"""The web demo (app.py): gradio_client sessions against the app launched on loopback, on the
+micro cascade of tests/conftest.py and on the shipped checkpoint, plus the helpers that need no server."""
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -56,11 +57,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def client(tiny_cascade, tmp_path_factory):
+@contextlib.contextmanager
+def launched(pipe: MAR3DPipeline, tmp_path_factory):
     """The demo on 127.0.0.1 (queue as in main()), an example image in its gallery, and a client."""
     global HOSTS_CONTACTED
-    root, _ = tiny_cascade
     with pytest.MonkeyPatch.context() as mp:
         for key, value in NO_PHONING_HOME.items():
             mp.setenv(key, value)
@@ -69,7 +69,7 @@ def client(tiny_cascade, tmp_path_factory):
         mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio_cache")))  # not the shared /tmp/gradio
         examples = tmp_path_factory.mktemp("examples")
         shutil.copy(CHAIR, examples)
-        demo = app.build_demo(MAR3DPipeline.from_pretrained(root / "cascade"), examples)
+        demo = app.build_demo(pipe, examples)
         demo.queue(default_concurrency_limit=1, max_size=8)
         demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
         c = Client(demo.local_url, analytics_enabled=False, verbose=False,
@@ -80,6 +80,14 @@ def client(tiny_cascade, tmp_path_factory):
             c.close()
             demo.close()
             HOSTS_CONTACTED = None
+
+
+@pytest.fixture(scope="module")
+def client(tiny_cascade, tmp_path_factory):
+    """The app on the micro cascade: seconds per generation, the whole API exercised."""
+    root, _ = tiny_cascade
+    with launched(MAR3DPipeline.from_pretrained(root / "cascade"), tmp_path_factory) as c:
+        yield c
 
 
 def generate(client, image, **settings):
@@ -120,6 +128,27 @@ def test_app_generates_over_the_api(client, tmp_path):
 
     # no analytics, no version check: the server and the client only ever talked over loopback
     assert HOSTS_CONTACTED and all(is_loopback(h) or h.startswith("/") for h in HOSTS_CONTACTED), HOSTS_CONTACTED
+
+
+@pytest.mark.slow
+def test_app_on_the_shipped_checkpoint(tmp_path_factory):
+    """What a user gets: the committed checkpoints/ behind the page's own defaults (steps, CFG,
+    temperature), only the grid coarser (64³) to keep the test short."""
+    pipe = MAR3DPipeline.from_pretrained(Path(app.__file__).parent / "checkpoints")
+    with launched(pipe, tmp_path_factory) as c:
+        def mesh(seed):
+            job = c.submit(handle_file(CHAIR), seed=seed, resolution="64", api_name="/generate")
+            _, glb, download, stats = job.result(timeout=300)
+            return trimesh.load(glb, force="mesh"), stats
+
+        first, stats = mesh(seed=7)
+        assert len(first.faces) > 500 and first.is_watertight
+        assert np.all(np.abs(first.bounds) <= 1.0)  # the data's box; the extractor drops parts beyond it
+        assert stats["background_method"] in ("rembg", "alpha", "fallback") and stats["lr_mesh"]["n_faces"] > 0
+        again, _ = mesh(seed=7)
+        other, _ = mesh(seed=8)
+    assert np.array_equal(again.vertices, first.vertices) and np.array_equal(again.faces, first.faces)
+    assert other.vertices.shape != first.vertices.shape or not np.allclose(other.vertices, first.vertices)
 
 
 def test_app_without_checkpoint_names_the_missing_files(tmp_path):

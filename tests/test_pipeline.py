@@ -9,7 +9,7 @@ import pytest
 import torch
 import trimesh
 
-from mar3d.pipeline import MAR3DPipeline, Settings
+from mar3d.pipeline import PREVIEW_RESOLUTION, MAR3DPipeline, Settings
 from mar3d.train import occupancy_iou
 from tests.conftest import SHARED
 
@@ -55,6 +55,18 @@ def test_pipeline_is_seeded(pipe):
     assert a.lr_mesh is None
     assert torch.equal(a.hr_tokens, b.hr_tokens) and np.array_equal(a.mesh.vertices, b.mesh.vertices)
     assert not torch.equal(a.hr_tokens, c.hr_tokens)
+
+
+@pytest.mark.slow
+def test_preview_is_extracted_on_the_coarse_grid(pipe, monkeypatch):
+    grids = []
+    extract = pipe.extract
+    monkeypatch.setattr(pipe, "extract", lambda latents, s, resolution=None: grids.append(
+        (latents.shape[1], resolution or s.resolution)) or extract(latents, s, resolution))
+    for resolution in (32, 128):
+        pipe(CHAIR, FAST, resolution=resolution)
+    lr, hr = pipe.mar_lr.cfg.seq_len, pipe.mar_hr.cfg.seq_len
+    assert grids == [(lr, 32), (hr, 32), (lr, PREVIEW_RESOLUTION), (hr, 128)]
 
 
 @pytest.mark.slow
