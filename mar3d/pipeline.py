@@ -116,10 +116,7 @@ class MAR3DPipeline:
         seconds["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
-                                diffusion_steps=s.diffusion_steps, generator=generator,
-                                progress=progress and (lambda i, n: progress("lr", i, n)))
-        lr_latents = self.mar_lr.denormalize(lr)  # (1, L_lr, C)
+        lr_latents = self.sample_lr(pixels, s, generator, progress and (lambda i, n: progress("lr", i, n)))
         seconds["mar_lr"] = time.perf_counter() - t
 
         lr_mesh = None
@@ -134,17 +131,29 @@ class MAR3DPipeline:
                 on_lr_mesh(lr_mesh)
 
         t = time.perf_counter()
-        hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
-                                temperature=s.temperature, diffusion_steps=s.diffusion_steps,
-                                cond_aug_t=s.cond_aug_t, generator=generator,
-                                progress=progress and (lambda i, n: progress("hr", i, n)))
-        hr_latents = self.mar_hr.denormalize(hr)  # (1, L_hr, C)
+        hr_latents = self.sample_hr(pixels, lr_latents, s, generator,
+                                    progress and (lambda i, n: progress("hr", i, n)))
         seconds["mar_hr"] = time.perf_counter() - t
 
         t = time.perf_counter()
         mesh = self.extract(hr_latents, s)
         seconds["hr_mesh"] = time.perf_counter() - t
         return Result(mesh, lr_mesh, pre.image, pre.method, seconds, lr_latents, hr_latents)
+
+    def sample_lr(self, pixels: torch.Tensor, s: Settings, generator: torch.Generator,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """MAR-LR: VAE latents (B, L_lr, C) for condition images (B, 3, H, W) in [0, 1]."""
+        lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
+                                diffusion_steps=s.diffusion_steps, generator=generator, progress=progress)
+        return self.mar_lr.denormalize(lr)
+
+    def sample_hr(self, pixels: torch.Tensor, lr_latents: torch.Tensor, s: Settings, generator: torch.Generator,
+                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """MAR-HR: VAE latents (B, L_hr, C) for condition images and their LR latents (B, L_lr, C)."""
+        hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
+                                temperature=s.temperature, diffusion_steps=s.diffusion_steps,
+                                cond_aug_t=s.cond_aug_t, generator=generator, progress=progress)
+        return self.mar_hr.denormalize(hr)
 
     def extract(self, latents: torch.Tensor, s: Settings, resolution: int | None = None) -> trimesh.Trimesh:
         """Mesh of the VAE occupancy field of `latents` (1, M, C) at `resolution` (default the

@@ -11,6 +11,7 @@ One json line per configuration: its settings, median F and mean seconds. CI nev
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,14 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mar3d.cache import load_cache  # noqa: E402
 from mar3d.data import is_held_out  # noqa: E402
-from mar3d.extract import ExtractionError, extract_mesh  # noqa: E402
+from mar3d.extract import ExtractionError  # noqa: E402
 from mar3d.metrics import compare_meshes  # noqa: E402
-from mar3d.pipeline import MAR3DPipeline  # noqa: E402
+from mar3d.pipeline import MAR3DPipeline, Settings  # noqa: E402
 
-RESOLUTION = 64
-BASE = dict(lr_steps=8, hr_steps=16, cfg_lr=3.0, cfg_hr=3.0, temperature=1.0, diffusion_steps=50, cond_aug_t=0.5)
+SAMPLING = ("lr_steps", "hr_steps", "cfg_lr", "cfg_hr", "temperature", "diffusion_steps", "cond_aug_t")
 
-# (label, overrides of BASE, mode) — mode: full | gt_lr | lr_only
+# (label, overrides of the pipeline's default Settings, mode) — mode: full | gt_lr | lr_only
 CONFIGS = [
     ("defaults", {}, "full"),
     ("gt_lr → HR", {}, "gt_lr"),
@@ -51,27 +51,19 @@ def pick_entries(names: list[str], val_percent: float, count: int, seed: int = 0
     return sorted(np.random.default_rng(seed).choice(train, size=min(count, len(train)), replace=False).tolist())
 
 
-def mesh_of(pipe: MAR3DPipeline, latents: torch.Tensor):
+def mesh_of(pipe: MAR3DPipeline, latents: torch.Tensor, s: Settings):
     try:
-        return extract_mesh(pipe.vae.occupancy_fn(latents), resolution=RESOLUTION)[0]
+        return pipe.extract(latents, s)
     except ExtractionError:
         return None
 
 
 @torch.no_grad()
-def run(pipe: MAR3DPipeline, image: torch.Tensor, lr_true: torch.Tensor, s: dict, mode: str, seed: int):
+def run(pipe: MAR3DPipeline, image: torch.Tensor, lr_true: torch.Tensor, s: Settings, mode: str, seed: int):
+    """VAE latents of one configuration: the cascade, MAR-HR on the true LR tokens, or MAR-LR alone."""
     g = torch.Generator().manual_seed(seed)
-    if mode == "gt_lr":
-        lr = pipe.mar_hr.normalize(lr_true)
-    else:
-        lr = pipe.mar_lr.sample(image, steps=s["lr_steps"], cfg=s["cfg_lr"], temperature=s["temperature"],
-                                diffusion_steps=s["diffusion_steps"], generator=g)
-        lr = pipe.mar_hr.normalize(pipe.mar_lr.denormalize(lr))
-        if mode == "lr_only":
-            return pipe.mar_hr.denormalize(lr)
-    hr = pipe.mar_hr.sample(image, lr, steps=s["hr_steps"], cfg=s["cfg_hr"], temperature=s["temperature"],
-                            diffusion_steps=s["diffusion_steps"], cond_aug_t=s["cond_aug_t"], generator=g)
-    return pipe.mar_hr.denormalize(hr)
+    lr = lr_true if mode == "gt_lr" else pipe.sample_lr(image, s, g)
+    return lr if mode == "lr_only" else pipe.sample_hr(image, lr, s, g)
 
 
 def main(argv=None) -> None:
@@ -86,20 +78,21 @@ def main(argv=None) -> None:
     pipe = MAR3DPipeline.from_pretrained(args.ckpt)
     tensors, meta = load_cache(Path(args.work) / "cache")
     entries = pick_entries(meta["names"], args.val_percent, args.shapes)
-    refs = {i: mesh_of(pipe, tensors["hr"][i: i + 1].float()) for i in entries}
+    base = Settings(resolution=64)
+    refs = {i: mesh_of(pipe, tensors["hr"][i: i + 1].float(), base) for i in entries}
     for label, overrides, mode in CONFIGS:
         if args.only and label not in args.only:
             continue
-        s = {**BASE, **overrides}
+        s = dataclasses.replace(base, **overrides)
         scores, seconds = [], []
         for seed, i in enumerate(entries):
             image = tensors["images"][i: i + 1].permute(0, 3, 1, 2).float().div(255)
             t = time.perf_counter()
-            mesh = mesh_of(pipe, run(pipe, image, tensors["lr"][i: i + 1].float(), s, mode, seed))
+            mesh = mesh_of(pipe, run(pipe, image, tensors["lr"][i: i + 1].float(), s, mode, seed), s)
             seconds.append(time.perf_counter() - t)
             ok = mesh is not None and refs[i] is not None
             scores.append(compare_meshes(mesh, refs[i], n_points=20_000)["fscore@0.05"] if ok else 0.0)
-        print(json.dumps({"label": label, "mode": mode, **s, "shapes": len(entries),
+        print(json.dumps({"label": label, "mode": mode, **{k: getattr(s, k) for k in SAMPLING}, "shapes": len(entries),
                           "median_fscore@0.05": round(float(np.median(scores)), 4),
                           "mean_fscore@0.05": round(float(np.mean(scores)), 4),
                           "mean_seconds": round(float(np.mean(seconds)), 2)}), flush=True)
