@@ -307,19 +307,10 @@ def train_vaes(cfg: AblationConfig, base: VAEConfig, data: Path, work: Path, log
     return info
 
 
-class _EncodeOn:
-    """The VAE as build_cache sees it (cfg + encode on CPU tensors), computing on `device`."""
-
-    def __init__(self, vae, device):
-        self.vae, self.cfg, self.device = vae.to(device).eval(), vae.cfg, device
-
-    def encode(self, surface: torch.Tensor, tokens: str = "hr") -> torch.Tensor:
-        return self.vae.encode(surface.to(self.device), tokens).cpu()
-
-
 def build_mar_cache(cfg: AblationConfig, pack: Pack, vae_dir: Path, out: Path, image_size: int) -> dict:
-    """MAR training data as train_demo's cache stage makes it: every (shape, view) of the pack, the
-    shape turned into the view's frame, beside its render; held-out entries only feed the val loss."""
+    """MAR training data as train_demo's cache stage made it when these ablations ran (FPS token
+    order): every (shape, view) of the pack, the shape turned into the view's frame, beside its
+    render; held-out entries only feed the val loss."""
     from mar3d.render import Camera, rotate_to_view
 
     def items():
@@ -328,8 +319,8 @@ def build_mar_cache(cfg: AblationConfig, pack: Pack, vae_dir: Path, out: Path, i
             turned = rotate_to_view(pack.surface(shape), Camera.from_dict(pack.camera(e))).astype(np.float32)
             yield f"{pack.names[shape]}/{view}", turned, pack.image(e)
 
-    vae = _EncodeOn(load_model(vae_dir, "vae"), torch.device(cfg.device))
-    return build_cache(vae, items(), out, image_size=image_size, batch=256)
+    vae = load_model(vae_dir, "vae", cfg.device)  # build_cache encodes on the VAE's device
+    return build_cache(vae, items(), out, image_size=image_size, batch=256, order="fps")
 
 
 def train_mars(cfg: AblationConfig, base: MARConfig, cache: Path, work: Path, log) -> dict:

@@ -137,11 +137,14 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
 
 
 def stage_cache(r: Recipe, work: Path, out: Path) -> None:
-    """VAE tokens of every (shape, view), the shape turned into the view's frame, beside its render."""
+    """VAE tokens of every (shape, view), the shape turned into the view's frame, beside its render,
+    in anchored token order (mar3d.token_order)."""
+    from mar3d.data import is_held_out
+
     done = timed_stage(work, "cache")
     if (work / "cache" / CACHE_FILE).exists():
         return done(skipped=True)
-    vae = load_model(out, "vae")
+    vae = load_model(out, "vae", r.device)
 
     def items():
         for npz in sorted((work / "prepared").glob("*.npz")):
@@ -151,8 +154,11 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
                 turned = rotate_to_view(surface, Camera.from_dict(cam)).astype(np.float32)
                 yield f"{npz.stem}/{k}", turned, work / "renders" / npz.stem / f"{k}.png"
 
+    def held_out(name: str) -> bool:  # the anchors of the token order come from training shapes only
+        return is_held_out(name.split("/")[0], r.val_percent)
+
     image_size = MAR_PRESETS["tiny"].image_encoder.image_size
-    done(**build_cache(vae, items(), work / "cache", image_size=image_size))
+    done(**build_cache(vae, items(), work / "cache", image_size=image_size, order="anchored", held_out=held_out))
 
 
 def held_out_shapes(r: Recipe, work: Path) -> list[Path]:
@@ -181,7 +187,7 @@ def stage_eval_vae(r: Recipe, work: Path, out: Path) -> None:
     from mar3d.extract import ExtractionError
 
     done = timed_stage(work, "eval_vae")
-    vae = load_model(out, "vae")
+    vae = load_model(out, "vae", r.device)
     ev = work / "eval"
     for d in ("vae", "gt_shape", "gt_view"):
         (ev / d).mkdir(parents=True, exist_ok=True)
@@ -193,7 +199,7 @@ def stage_eval_vae(r: Recipe, work: Path, out: Path) -> None:
             view.export(ev / "gt_view" / name)
         if (ev / "vae" / name).exists():
             continue
-        latents = vae.encode(torch.from_numpy(np.load(npz)["surface"][None]).float(), "hr")
+        latents = vae.encode(torch.from_numpy(np.load(npz)["surface"][None]).float().to(r.device), "hr")
         try:
             mesh, _ = extract_mesh(vae.occupancy_fn(latents), resolution=eval_settings().resolution)
             mesh.export(ev / "vae" / name)
@@ -209,7 +215,7 @@ def stage_eval_image(r: Recipe, work: Path, out: Path) -> None:
     from mar3d.pipeline import MAR3DPipeline
 
     done = timed_stage(work, "eval_image")
-    pipe = MAR3DPipeline.from_pretrained(out)
+    pipe = MAR3DPipeline.from_pretrained(out, device=r.device)
     ev = work / "eval"
     (ev / "image").mkdir(parents=True, exist_ok=True)
     seconds = []

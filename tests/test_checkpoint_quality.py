@@ -38,10 +38,10 @@ def test_outputs_follow_their_own_image(pipe):
     from each held-out render are closer (Chamfer) to that render's shape than the meshes generated
     from the other renders are. A model that ignores its image scores a ratio of about 1 here.
 
-    Averaged over two seeds, because one sample is noisy. The stronger property, that every single
-    output is nearest its own shape, does not hold for this checkpoint: its mug outputs lie nearer
-    the chair (Chamfer 0.149) than the mug (0.169). Measured on the shipped checkpoint: own 0.207,
-    shuffled 0.286, ratio 0.72."""
+    Averaged over two seeds, because one sample is noisy. Measured on the shipped checkpoint: own
+    0.174, shuffled 0.293, ratio 0.59. The stronger property, that every single output is nearest
+    its own shape, is not asserted: it holds for these two seeds averaged, but at seeds 2 and 3 the
+    chair's mesh lies nearer the mug (checkpoints/README.md)."""
     names = sorted(p.stem for p in HELD_OUT.glob("*.png"))
     assert len(names) >= 3
     truths = [load_mesh(HELD_OUT / f"{n}.ply") for n in names]
