@@ -42,6 +42,7 @@ CONFIGS = [
     ("cfg 5", dict(cfg_lr=5.0, cfg_hr=5.0), "full"),
     ("steps 32/128", dict(lr_steps=32, hr_steps=128), "full"),
     ("cond_aug 0", dict(cond_aug_t=0.0), "full"),
+    ("gt_lr → HR, cond_aug 0", dict(cond_aug_t=0.0), "gt_lr"),  # how much of the true LR tokens MAR-HR uses
 ]
 
 
