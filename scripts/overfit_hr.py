@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -42,9 +41,7 @@ def main(argv=None) -> None:
 
     tensors, meta = load_cache(Path(args.work) / "cache")
     idx = pick_entries(meta["names"], args.val_percent, 24)[: args.entries]  # the sweep's first entries
-    with safe_open(str(Path(args.work) / "cache" / CACHE_FILE), "pt") as f:
-        raw = dict(f.metadata())
-    raw["names"] = json.dumps([meta["names"][i] for i in idx])
+    raw = {k: str(v) for k, v in meta.items()} | {"names": json.dumps([meta["names"][i] for i in idx])}
     (out / "work" / "cache").mkdir(parents=True, exist_ok=True)
     save_file({k: tensors[k][idx].contiguous() for k in ("images", "lr", "hr")},
               str(out / "work" / "cache" / CACHE_FILE), metadata=raw)

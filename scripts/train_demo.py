@@ -155,7 +155,7 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
                 yield f"{npz.stem}/{k}", turned, work / "renders" / npz.stem / f"{k}.png"
 
     def held_out(name: str) -> bool:  # the anchors of the token order come from training shapes only
-        return is_held_out(name.split("/")[0], r.val_percent)
+        return is_held_out(name, r.val_percent)  # "<shape>/<view>" splits by its shape
 
     image_size = MAR_PRESETS["tiny"].image_encoder.image_size
     done(**build_cache(vae, items(), work / "cache", image_size=image_size, order="anchored", held_out=held_out))

@@ -24,6 +24,7 @@ from PIL import Image
 import app
 from mar3d.app_state import stream_pipeline
 from mar3d.pipeline import MAR3DPipeline
+
 CHAIR = Path(app.__file__).parent / "assets" / "instantmesh_chair_wood.jpg"  # the shared photo's copy (assets/README.md)
 FAST = dict(lr_steps=4, hr_steps=8, diffusion_steps=25, resolution="64")
 NO_PHONING_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MICRO_VAE
 from mar3d.cache import build_cache, load_cache
 from mar3d.token_order import anchor_permutation, anchored, fit_anchors
 from mar3d.vae import PyramidVAE
+from tests.conftest import MICRO_VAE
 
 
 def clustered_queries(rng, shapes: int, centres: np.ndarray, jitter: float = 0.03) -> np.ndarray:
