@@ -1,8 +1,13 @@
 """Image encoders that turn a conditioning image into the prefix tokens of MAR (DESIGN §5).
 
-Two kinds:
+Three kinds:
 - ``"tiny"``: a small DINOv2-style ViT built from config (random init) and trained together with
   MAR; tokens = its CLS token + patch tokens.
+- ``"readout"``: the same tiny ViT followed by a readout head: one learned query per LR and per HR
+  shape token (anchored order, mar3d.token_order) cross-attends to the ViT tokens. It is
+  pretrained on single-view reconstruction (mar3d.recon: image → shape tokens → the frozen VAE
+  decoder), then frozen inside MAR (this project's stand-in for the paper's frozen CLIP + DINOv2,
+  which cannot be had offline). tokens = the readout features of the LR or HR queries.
 - ``"pretrained"``: frozen CLIP ViT-L/14 vision tower + DINOv2 loaded from local directories;
   tokens = [CLIP CLS token, DINOv2 patch tokens] (257 x 1024 at 224 px, as in the reference).
 
@@ -40,13 +45,19 @@ _VIT_L14_PATCH, _VIT_L14_WIDTH = 14, 1024
 class ImageEncoderConfig:
     """Which image encoder to use; plain fields only (stored as JSON inside the MAR config)."""
 
-    kind: str = "tiny"  # "tiny" (trained with MAR) or "pretrained" (frozen CLIP + DINOv2)
-    # tiny
+    kind: str = "tiny"  # "tiny" (trained with MAR), "readout" (tiny + readout head) or "pretrained"
+    # tiny (and the ViT of readout)
     image_size: int = 128
     patch_size: int = 16
     width: int = 128
     layers: int = 4
     heads: int = 4
+    # readout: one query per shape token; `output` picks which queries' features are the tokens
+    readout_lr: int = 32
+    readout_hr: int = 128
+    readout_layers: int = 3
+    output: str = "all"  # "lr" | "hr" | "all" (LR then HR)
+    frozen: bool = False  # readout: no gradients, eval mode (its weights still live in MAR's file)
     # pretrained: transformers model directories; relative paths are resolved by the caller
     clip_path: str = ""
     dinov2_path: str = ""
@@ -113,12 +124,23 @@ def token_shape(cfg: ImageEncoderConfig) -> tuple[int, int]:
     """
     if cfg.kind == "tiny":
         return 1 + (cfg.image_size // cfg.patch_size) ** 2, cfg.width
+    if cfg.kind == "readout":
+        return readout_slice(cfg).stop - readout_slice(cfg).start, cfg.width
     if cfg.kind == "pretrained":
         dino = _read_json(Path(cfg.dinov2_path) / "config.json") if cfg.dinov2_path else {}
         patch = dino.get("patch_size", _VIT_L14_PATCH)
         width = dino.get("hidden_size", _VIT_L14_WIDTH)
         return 1 + (cfg.pretrained_size // patch) ** 2, width
-    raise ValueError(f"unknown image encoder kind {cfg.kind!r} (expected 'tiny' or 'pretrained')")
+    raise ValueError(f"unknown image encoder kind {cfg.kind!r} (expected 'tiny', 'readout' or 'pretrained')")
+
+
+def readout_slice(cfg: ImageEncoderConfig) -> slice:
+    """Which readout queries (LR first, then HR) are the encoder's output tokens."""
+    lr, hr = cfg.readout_lr, cfg.readout_hr
+    try:
+        return {"lr": slice(0, lr), "hr": slice(lr, lr + hr), "all": slice(0, lr + hr)}[cfg.output]
+    except KeyError:
+        raise ValueError(f"unknown readout output {cfg.output!r} (expected 'lr', 'hr' or 'all')") from None
 
 
 class ImageEncoder(nn.Module):
@@ -127,12 +149,15 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.kind == "tiny":
+        self.external = cfg.kind == "pretrained"  # weights load from their own files, not from MAR's
+        if cfg.kind in ("tiny", "readout"):
             self._build_tiny(cfg)
+            if cfg.kind == "readout":
+                self._build_readout(cfg)
         elif cfg.kind == "pretrained":
             self._build_pretrained(cfg)
         else:
-            raise ValueError(f"unknown image encoder kind {cfg.kind!r} (expected 'tiny' or 'pretrained')")
+            raise ValueError(f"unknown image encoder kind {cfg.kind!r} (expected 'tiny', 'readout' or 'pretrained')")
 
     # ---- construction -------------------------------------------------------------------
     def _build_tiny(self, cfg: ImageEncoderConfig) -> None:
@@ -153,6 +178,22 @@ class ImageEncoder(nn.Module):
         self.num_tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2  # CLS + patches
         self.dim = cfg.width
         self._register_norm("mean", "std", IMAGENET_MEAN, IMAGENET_STD)
+
+    def _build_readout(self, cfg: ImageEncoderConfig) -> None:
+        from .layers import CrossBlock, SelfBlock, init_weights
+
+        W = cfg.width
+        self.queries = nn.Parameter(torch.randn(1, cfg.readout_lr + cfg.readout_hr, W) * 0.02)
+        self.readout = nn.ModuleList(
+            nn.ModuleList([CrossBlock(W, cfg.heads), SelfBlock(W, cfg.heads)]) for _ in range(cfg.readout_layers))
+        self.readout_norm = nn.LayerNorm(W)
+        for module in (self.readout, self.readout_norm):
+            module.apply(init_weights)
+        self.select = readout_slice(cfg)
+        self.num_tokens = self.select.stop - self.select.start
+        if cfg.frozen:
+            self.requires_grad_(False)
+            self.trainable = False
 
     def _build_pretrained(self, cfg: ImageEncoderConfig) -> None:
         # Check the files first: a missing encoder fails in milliseconds, never via the hub.
@@ -198,9 +239,11 @@ class ImageEncoder(nn.Module):
     def train(self, mode: bool = True) -> "ImageEncoder":
         """Frozen pretrained encoders stay in eval mode whatever the parent module does."""
         super().train(mode)
-        if not self.trainable:
+        if self.external:
             self.clip.eval()
             self.dinov2.eval()
+        elif not self.trainable:
+            super().train(False)
         return self
 
     def _resize(self, images: Tensor) -> Tensor:
@@ -216,9 +259,19 @@ class ImageEncoder(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = self._resize(images.to(self.mean.dtype))  # (B, 3, S, S), in the module's dtype
-        if self.trainable:
-            return self.vit(pixel_values=(x - self.mean) / self.std).last_hidden_state  # (B, T, D)
-        return self._pretrained_tokens(x)
+        if self.external:
+            return self._pretrained_tokens(x)
+        tokens = self.vit(pixel_values=(x - self.mean) / self.std).last_hidden_state  # (B, 65, D)
+        if self.cfg.kind == "tiny":
+            return tokens
+        return self.read_out(tokens)[:, self.select]  # (B, num_tokens, D)
+
+    def read_out(self, vit_tokens: Tensor) -> Tensor:
+        """Readout features of every query (B, L_lr + L_hr, D): LR queries first, then HR."""
+        q = self.queries.to(vit_tokens.dtype).expand(vit_tokens.shape[0], -1, -1)
+        for cross, self_block in self.readout:
+            q = self_block(cross(q, vit_tokens))
+        return self.readout_norm(q)
 
     @torch.no_grad()
     def _pretrained_tokens(self, x: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ class MARConfig:
     mask_ratio_min: float = 0.7    # truncated normal N(1, 0.25) on [mask_ratio_min, 1]
     cond_aug_min: float = 0.4      # MAR-HR condition augmentation: x' = t·ε + (1 − t)·x, t ~ U(min, max)
     cond_aug_max: float = 0.6
+    aux_weight: float = 0.0        # > 0: also regress each masked token from z (MSE), a direct signal into z
     latent_shift: float = 0.0      # token normalisation, set from the training latents
     latent_scale: float = 1.0
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -74,6 +75,7 @@ class MAR(nn.Module):
         self.diff_pos = nn.Parameter(torch.zeros(1, L, W))
         # --------------------------------------------------------------- diffusion head
         self.diffloss = DiffLoss(cfg.token_dim, W, cfg.diff_width, cfg.diff_depth, cfg.diff_train_steps)
+        self.aux_head = nn.Linear(W, cfg.token_dim) if cfg.aux_weight > 0 else None  # training only
 
         for name, module in self.named_modules():
             if not name.startswith(("image_encoder", "diffloss")):  # those initialise themselves
@@ -83,7 +85,7 @@ class MAR(nn.Module):
 
     def frozen_state_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes not saved with the model: a frozen pretrained encoder loads from its own files."""
-        return () if self.image_encoder.trainable else ("image_encoder.",)
+        return ("image_encoder.",) if self.image_encoder.external else ()
 
     # ------------------------------------------------------------------- tokens
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -93,13 +95,17 @@ class MAR(nn.Module):
         return tokens * self.cfg.latent_scale + self.cfg.latent_shift
 
     # ------------------------------------------------------------------- condition
-    def condition(self, images: torch.Tensor, lr_tokens: torch.Tensor | None = None, aug_t: float | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+    def condition(self, images: torch.Tensor | None, lr_tokens: torch.Tensor | None = None, aug_t: float | None = None,
+                  generator: torch.Generator | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Prefix (B, P, W) from images (B, 3, H, W) in [0, 1] and, for MAR-HR, normalised LR tokens.
 
+        `image_tokens` (B, T_img, D): the image encoder's output computed beforehand (a frozen
+        encoder's cached features), used instead of `images`.
         Condition augmentation of the LR tokens: t ~ U(cond_aug_min, cond_aug_max) per shape while
         training, `aug_t` (default the middle of that range) at inference."""
-        prefix = self.image_proj(self.image_encoder(images))  # (B, T_img, W)
+        if image_tokens is None:
+            image_tokens = self.image_encoder(images)
+        prefix = self.image_proj(image_tokens.to(self.image_proj.weight.dtype))  # (B, T_img, W)
         if self.lr_proj is None:
             return prefix
         if lr_tokens is None:
@@ -153,16 +159,21 @@ class MAR(nn.Module):
         return torch.zeros(batch, L, dtype=torch.bool, device=device).scatter_(1, order[:, :n], True)
 
     # ------------------------------------------------------------------- training
-    def forward(self, tokens: torch.Tensor, images: torch.Tensor, lr_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Diffusion loss on the masked tokens. tokens (B, L, C) normalised; images (B, 3, H, W)."""
-        prefix = self.condition(images, lr_tokens)  # (B, P, W)
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None, lr_tokens: torch.Tensor | None = None,
+                image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss on the masked tokens (+ aux_weight · MSE of the aux regression).
+        tokens (B, L, C) normalised; images (B, 3, H, W), or the encoder's `image_tokens`."""
+        prefix = self.condition(images, lr_tokens, image_tokens=image_tokens)  # (B, P, W)
         if self.training:
             prefix = self.drop_condition(prefix)
         mask = self.random_mask(tokens.shape[0], tokens.device)          # (B, L)
         z = self.decode(self.encode(tokens, prefix, mask), mask)          # (B, L, W)
         target, z = tokens[mask], z[mask]                                 # (N_masked, C), (N_masked, W)
         k = self.cfg.diff_batch_mul
-        return self.diffloss.loss(target.repeat(k, 1), z.repeat(k, 1))
+        loss = self.diffloss.loss(target.repeat(k, 1), z.repeat(k, 1))
+        if self.aux_head is not None:
+            loss = loss + self.cfg.aux_weight * (self.aux_head(z).float() - target.float()).pow(2).mean()
+        return loss
 
     # ------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -36,6 +36,7 @@ from .cli import add_dataclass_flags, dataclass_from_args, parse_bool
 from .data import ShapeBank, is_held_out, split_files
 from .mar import PRESETS as MAR_PRESETS
 from .mar import MAR, MARConfig
+from .single_view import ReconConfig, SingleViewRecon
 from .vae import PRESETS as VAE_PRESETS
 from .vae import PyramidVAE, VAEConfig
 
@@ -62,6 +63,8 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     max_minutes: float = 0.0     # stop (and save) after this wall time; 0 = no limit
+    vae_dir: str = ""            # recon: directory of the frozen VAE whose decoder scores the predicted tokens
+    init_encoder: str = ""       # MAR: directory of a pretrained `recon`; MAR takes its image encoder, frozen
 
 
 # --------------------------------------------------------------------------- schedules
@@ -197,17 +200,38 @@ class MARTask:
         if len(self.val_idx) == 0:
             self.val_idx = self.train_idx[:8]
         self.probe_idx = self.train_idx[:: max(1, len(self.train_idx) // 32)][:32]
+        self.recon = None
+        if cfg.init_encoder:  # the pretrained single-view encoder, frozen: its LR or HR query features
+            from .checkpoint import load_model
+
+            self.recon = load_model(cfg.init_encoder, "recon")
+            self.model_cfg = dataclasses.replace(self.model_cfg, image_encoder=self.recon.encoder_config(self.stage))
+        self.features = None  # a frozen encoder's output for every entry, computed once in build_model
 
     def __len__(self) -> int:
         return len(self.train_idx)
 
     def build_model(self) -> MAR:
-        return MAR(self.model_cfg)
+        model = MAR(self.model_cfg)
+        if self.recon is not None:
+            model.image_encoder.load_state_dict(self.recon.encoder.state_dict())
+            self.features = self.encode_all(model.image_encoder)
+        return model
+
+    @torch.no_grad()
+    def encode_all(self, encoder, batch: int = 64) -> torch.Tensor:
+        """Features (S, T, D) of every cached image (bf16, on the CPU): a frozen encoder runs once."""
+        encoder.eval()
+        out = [encoder(self.images[s: s + batch].permute(0, 3, 1, 2).float().div(255)).to(torch.bfloat16)
+               for s in range(0, len(self.images), batch)]
+        return torch.cat(out)
 
     def batch(self, idx: torch.Tensor, device) -> tuple:
-        images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)  # (B, 3, H, W)
         lr = self.lr[idx].to(device) if self.stage == "hr" else None
-        return self.tokens[idx].to(device), images, lr
+        if self.features is not None:
+            return self.tokens[idx].to(device), None, lr, self.features[idx].to(device)
+        images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)  # (B, 3, H, W)
+        return self.tokens[idx].to(device), images, lr, None
 
     def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:
         idx = self.train_idx[torch.randint(len(self.train_idx), (batch_size,), generator=generator)]
@@ -228,7 +252,94 @@ class MARHRTask(MARTask):
     name, stage = "mar_hr", "hr"
 
 
-TASKS = {"vae": VAETask, "mar_lr": MARTask, "mar_hr": MARHRTask}
+class ReconTask:
+    """Single-view reconstruction (mar3d.single_view): the image encoder's pretraining.
+
+    data_dir is a training work directory (scripts/train_demo.py's layout): cache/ holds the images
+    and anchored tokens, prepared/ the occupancy samples, renders/ each view's camera (its azimuth
+    turns the samples into the view's frame, as the cached tokens are)."""
+
+    name = "recon"
+    presets = {"tiny": ReconConfig()}
+
+    def __init__(self, model_cfg: ReconConfig, cfg: TrainConfig, data_dir: str):
+        from .checkpoint import load_model
+        from .render import Camera
+
+        self.cfg = cfg
+        root = Path(data_dir)
+        data, meta = load_cache(root / "cache")
+        if not cfg.vae_dir:
+            raise ValueError("the recon task needs vae_dir: the VAE whose tokens the cache holds")
+        self.vae = load_model(cfg.vae_dir, "vae").requires_grad_(False)
+        self.model_cfg = dataclasses.replace(
+            model_cfg, token_dim=data["hr"].shape[2], latent_shift=meta["latent_shift"], latent_scale=meta["latent_scale"],
+            encoder=dataclasses.replace(model_cfg.encoder, readout_lr=data["lr"].shape[1], readout_hr=data["hr"].shape[1]))
+        norm = lambda x: (x - meta["latent_shift"]) / meta["latent_scale"]  # noqa: E731
+        self.images, self.lr, self.hr = data["images"], norm(data["lr"]), norm(data["hr"])
+        shapes = sorted({n.split("/")[0] for n in meta["names"]})
+        self.bank = ShapeBank([root / "prepared" / f"{n}.npz" for n in shapes], self.vae.cfg.num_points)
+        row = {n: i for i, n in enumerate(shapes)}
+        self.shape_of = torch.tensor([row[n.split("/")[0]] for n in meta["names"]])
+        cameras = {n: json.loads((root / "renders" / n / "cameras.json").read_text()) for n in shapes}
+        azimuth = [Camera.from_dict(cameras[n.split("/")[0]][int(n.split("/")[1])]).azimuth_deg for n in meta["names"]]
+        self.view_yaw = -torch.tensor(azimuth, dtype=torch.float32) * math.pi / 180  # into the view's frame
+        held_out = torch.tensor([is_held_out(n, cfg.val_percent) for n in meta["names"]])
+        self.train_idx = torch.nonzero(~held_out).flatten()
+        self.val_idx = torch.nonzero(held_out).flatten()[:256]
+        if len(self.val_idx) == 0:
+            self.val_idx = self.train_idx[:8]
+
+    def __len__(self) -> int:
+        return len(self.train_idx)
+
+    def build_model(self) -> SingleViewRecon:
+        return SingleViewRecon(self.model_cfg)
+
+    def occupancy(self, idx: torch.Tensor, queries: int, generator: torch.Generator):
+        """Occupancy samples of the entries' shapes, turned into each entry's view frame."""
+        from .data import yaw_matrices
+
+        b = self.bank.sample(self.shape_of[idx], queries, generator)
+        rot = yaw_matrices(self.view_yaw[idx])  # (B, 3, 3)
+        points = torch.einsum("bij,bnj->bni", rot, torch.cat([b.uniform, b.near], 1))
+        return points, b.uniform_labels, b.near_labels
+
+    def losses(self, model, idx: torch.Tensor, generator: torch.Generator, device) -> dict:
+        images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)
+        pred_lr, pred_hr = model(images)
+        out = {"mse_lr": (pred_lr.float() - self.lr[idx].to(device)).pow(2).mean(),
+               "mse_hr": (pred_hr.float() - self.hr[idx].to(device)).pow(2).mean()}
+        if self.model_cfg.bce_weight > 0:
+            vae = self.vae.to(device)
+            points, uniform_labels, near_labels = (t.to(device) for t in self.occupancy(idx, self.cfg.queries, generator))
+            latents = pred_hr * self.model_cfg.latent_scale + self.model_cfg.latent_shift
+            logits = vae.query(vae.decode(latents), points).float()  # (B, Q)
+            n = uniform_labels.shape[1]
+            f = torch.nn.functional.binary_cross_entropy_with_logits
+            out["bce"] = f(logits[:, :n], uniform_labels.float()) + vae.cfg.near_weight * f(logits[:, n:], near_labels.float())
+        return out
+
+    def total(self, parts: dict) -> torch.Tensor:
+        return (parts["mse_lr"] + parts["mse_hr"]) / 2 + self.model_cfg.bce_weight * parts.get("bce", 0.0)
+
+    def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:
+        idx = self.train_idx[torch.randint(len(self.train_idx), (batch_size,), generator=generator)]
+        parts = self.losses(model, idx, generator, device)
+        return self.total(parts), {k: round(v.item(), 5) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model: SingleViewRecon, device) -> dict:
+        """Token MSE and occupancy BCE on (up to 256) held-out entries, fixed queries."""
+        sums: dict = {}
+        for s in range(0, len(self.val_idx), 32):
+            parts = self.losses(model, self.val_idx[s: s + 32], torch.Generator().manual_seed(s), device)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(self.val_idx[s: s + 32])
+        return {f"val_{k}": round(v / len(self.val_idx), 5) for k, v in sums.items()}
+
+
+TASKS = {"vae": VAETask, "mar_lr": MARTask, "mar_hr": MARHRTask, "recon": ReconTask}
 
 
 # --------------------------------------------------------------------------- engine

@@ -1,0 +1,114 @@
+"""Single-view reconstruction pretraining (mar3d.single_view) and MAR on its frozen encoder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mar3d.cache import build_cache, load_cache
+from mar3d.checkpoint import load_model
+from mar3d.image_encoder import ImageEncoderConfig
+from mar3d.render import Camera, rotate_to_view
+from mar3d.single_view import ReconConfig, SingleViewRecon
+from mar3d.train import ReconTask, TrainConfig, train
+from tests.conftest import MICRO_MAR_HR, MICRO_VAE, write_synthetic_shape
+
+MICRO_RECON = ReconConfig(encoder=ImageEncoderConfig(kind="readout", image_size=32, patch_size=8, width=32,
+                                                     layers=1, heads=2, readout_layers=1))
+
+
+def _image(kind: str, rng) -> np.ndarray:
+    """A flat picture that tells the shapes apart: a red disc for spheres, a blue square for boxes."""
+    img = np.full((32, 32, 4), 0, np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    inside = (yy - 16) ** 2 + (xx - 16) ** 2 < 100 if kind == "sphere" else (abs(yy - 16) < 9) & (abs(xx - 16) < 9)
+    img[inside] = (220, 40, 40, 255) if kind == "sphere" else (40, 40, 220, 255)
+    return img
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A training work directory in train_demo's layout: prepared/, renders/<shape>/cameras.json,
+    cache/ (2 views per shape, turned into each view's frame) and a micro VAE in vae/."""
+    root = tmp_path_factory.mktemp("recon")
+    rng = np.random.default_rng(3)
+    (root / "prepared").mkdir()
+    kinds = {}
+    for i in range(6):
+        path = root / "prepared" / f"s{i}.npz"
+        write_synthetic_shape(path, rng, n_surface=256, n_pool=4096)
+        normal = np.load(path)["surface"][0, 3:]
+        kinds[f"s{i}"] = "box" if np.sum(np.abs(normal) > 0.999) == 1 else "sphere"
+    train("vae", MICRO_VAE, TrainConfig(steps=150, lr=2e-3, batch_size=8, queries=512, val_percent=0.0, threads=2,
+                                        log_every=150, eval_every=150, save_every=150, fscore_shapes=0),
+          root / "prepared", root / "vae")
+    vae = load_model(root / "vae", "vae")
+    items = []
+    for name, kind in kinds.items():
+        cams = [Camera(azimuth_deg=float(a), elevation_deg=20.0, fov_deg=40.0, distance=3.0, size=32)
+                for a in rng.uniform(0, 360, 2)]
+        (root / "renders" / name).mkdir(parents=True)
+        (root / "renders" / name / "cameras.json").write_text(json.dumps([c.to_dict() for c in cams]))
+        surface = np.load(root / "prepared" / f"{name}.npz")["surface"]
+        for k, cam in enumerate(cams):
+            items.append((f"{name}/{k}", rotate_to_view(surface, cam).astype(np.float32), _image(kind, rng)))
+    build_cache(vae, items, root / "cache", image_size=32)
+    return root
+
+
+def test_occupancy_is_turned_into_each_views_frame(work):
+    task = ReconTask(MICRO_RECON, TrainConfig(vae_dir=str(work / "vae"), val_percent=0.0, queries=64), work)
+    idx = torch.arange(len(task.shape_of))
+    g = torch.Generator().manual_seed(0)
+    points, _, _ = task.occupancy(idx, 64, g)
+    # the same draw, unturned, turned with the renderer's own rotation: must agree point for point
+    b = task.bank.sample(task.shape_of[idx], 64, torch.Generator().manual_seed(0))
+    raw = torch.cat([b.uniform, b.near], 1).numpy()
+    _, meta = load_cache(work / "cache")
+    for i, name in enumerate(meta["names"]):
+        shape, view = name.split("/")
+        cam = Camera.from_dict(json.loads((work / "renders" / shape / "cameras.json").read_text())[int(view)])
+        np.testing.assert_allclose(points[i].numpy(), rotate_to_view(raw[i], cam), atol=1e-5)
+
+
+def test_recon_learns_tokens_and_occupancy(work, tmp_path):
+    cfg = TrainConfig(steps=300, lr=3e-3, batch_size=8, warmup=20, val_percent=0.0, threads=2, queries=256,
+                      vae_dir=str(work / "vae"), log_every=300, eval_every=300, save_every=300)
+    task = ReconTask(MICRO_RECON, cfg, work)
+    torch.manual_seed(0)
+    before = task.evaluate(task.build_model().eval(), "cpu")
+    after = train("recon", MICRO_RECON, cfg, work, tmp_path)
+    assert after["val_mse_hr"] < 0.6 * before["val_mse_hr"], (before, after)
+    assert after["val_bce"] < before["val_bce"], (before, after)
+    recon = load_model(tmp_path, "recon")
+    assert isinstance(recon, SingleViewRecon) and recon.cfg.encoder.readout_hr == MICRO_VAE.hr_tokens
+
+
+def test_mar_on_the_frozen_encoder(work, tmp_path):
+    """MAR-HR starts from the recon's encoder, keeps it frozen, trains on its cached features; the
+    saved MAR holds the encoder, and sampling from images uses the same features."""
+    rcfg = TrainConfig(steps=40, batch_size=8, val_percent=0.0, threads=2, queries=128, vae_dir=str(work / "vae"),
+                       log_every=40, eval_every=40, save_every=40)
+    train("recon", MICRO_RECON, rcfg, work, tmp_path / "r")
+    recon = load_model(tmp_path / "r", "recon")
+    cfg = TrainConfig(steps=30, batch_size=8, val_percent=0.0, threads=2, init_encoder=str(tmp_path / "r"),
+                      log_every=30, eval_every=30, save_every=30)
+    train("mar_hr", MICRO_MAR_HR, cfg, work / "cache", tmp_path / "m")
+    mar = load_model(tmp_path / "m", "mar_hr")
+    enc = mar.image_encoder
+    assert enc.cfg.kind == "readout" and enc.cfg.frozen and enc.cfg.output == "hr"
+    assert not any(p.requires_grad for p in enc.parameters())
+    for k, v in recon.encoder.state_dict().items():
+        assert torch.equal(v, enc.state_dict()[k]), k  # frozen: unchanged by MAR training
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = enc(images)
+        assert feats.shape == (2, MICRO_VAE.hr_tokens, 32)
+        torch.testing.assert_close(feats, recon.encoder(images)[:, MICRO_VAE.lr_tokens:])
+        lr = torch.randn(2, MICRO_VAE.lr_tokens, MICRO_VAE.latent_dim)
+        a = mar.condition(images, lr, aug_t=0.0)
+        b = mar.condition(None, lr, aug_t=0.0, image_tokens=feats)
+    torch.testing.assert_close(a, b)
+    tokens = mar.sample(images, lr, steps=4, diffusion_steps=5, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, MICRO_VAE.hr_tokens, MICRO_VAE.latent_dim) and torch.isfinite(tokens).all()
