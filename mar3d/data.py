@@ -23,6 +23,12 @@ def is_held_out(name: str, val_percent: float) -> bool:
     return zlib.crc32(group.encode()) % 10_000 < val_percent * 100
 
 
+def is_validation(name: str, test_percent: float, val_percent: float) -> bool:
+    """The validation split: the hash bucket right after the test split's (same grouping as
+    is_held_out). Recipes are chosen on it; training leaves out both (is_held_out at the sum)."""
+    return is_held_out(name, test_percent + val_percent) and not is_held_out(name, test_percent)
+
+
 def split_files(data_dir: str | Path, val_percent: float) -> tuple[list[Path], list[Path]]:
     """(train, held-out) npz files of a prepared directory, sorted by name."""
     files = sorted(Path(data_dir).glob("*.npz"))

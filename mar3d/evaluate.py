@@ -63,6 +63,8 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, n_points: int = 100_
     summary = {f"median_{k}": statistics.median(r.get(k, 0.0) for r in rows)
                for k in ("fscore@0.05", "fscore@0.02", "normal_consistency")}
     summary["median_chamfer"] = statistics.median(r["chamfer"] for r in ok) if ok else float("nan")
+    for k in ("slab_share", "gt_slab_share"):  # means over the meshes there are
+        summary[f"mean_{k}"] = statistics.fmean(r[k] for r in ok) if ok else float("nan")
     return {"rows": rows, "summary": summary, "failed": len(rows) - len(ok), "count": len(rows)}
 
 

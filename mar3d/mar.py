@@ -41,6 +41,11 @@ class MARConfig:
     cond_aug_min: float = 0.4      # MAR-HR condition augmentation: x' = t·ε + (1 − t)·x, t ~ U(min, max)
     cond_aug_max: float = 0.6
     aux_weight: float = 0.0        # > 0: also regress each masked token from z (MSE), a direct signal into z
+    # "prefix": image tokens are prefix tokens (the paper). "aligned": the image encoder gives one
+    # token per generated index (the readout encoder, anchored order); each is added to its
+    # index's input in the MAE encoder and decoder, and the prefix holds only their mean
+    # (and MAR-HR's LR tokens). Cheaper than a prefix of L tokens, and z_i sees its own.
+    cond_mode: str = "prefix"
     latent_shift: float = 0.0      # token normalisation, set from the training latents
     latent_scale: float = 1.0
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -59,8 +64,17 @@ class MAR(nn.Module):
         self.image_encoder = ImageEncoder(cfg.image_encoder)
         self.image_proj = nn.Linear(self.image_encoder.dim, W)
         self.lr_proj = nn.Linear(cfg.token_dim, W) if cfg.lr_seq_len else None
-        self.prefix_len = self.image_encoder.num_tokens + cfg.lr_seq_len
-        self.fake_prefix = nn.Parameter(torch.zeros(1, self.prefix_len, W))  # learned null condition
+        if cfg.cond_mode == "aligned":
+            if self.image_encoder.num_tokens != L:
+                raise ValueError(f"aligned conditioning needs one image token per index: the encoder gives "
+                                 f"{self.image_encoder.num_tokens}, MAR generates {L}")
+            self.prefix_len, self.aligned_len = 1 + cfg.lr_seq_len, L  # [mean image token, LR tokens]
+        elif cfg.cond_mode == "prefix":
+            self.prefix_len, self.aligned_len = self.image_encoder.num_tokens + cfg.lr_seq_len, 0
+        else:
+            raise ValueError(f"unknown cond_mode {cfg.cond_mode!r} (expected 'prefix' or 'aligned')")
+        # the whole condition (prefix, then the aligned part) and its learned null (CFG)
+        self.fake_prefix = nn.Parameter(torch.zeros(1, self.prefix_len + self.aligned_len, W))
         # --------------------------------------------------------------- MAE encoder
         self.token_proj = nn.Linear(cfg.token_dim, W)
         self.enc_pos = nn.Parameter(torch.zeros(1, self.prefix_len + L, W))
@@ -106,8 +120,11 @@ class MAR(nn.Module):
         if image_tokens is None:
             image_tokens = self.image_encoder(images)
         prefix = self.image_proj(image_tokens.to(self.image_proj.weight.dtype))  # (B, T_img, W)
+        aligned = prefix[:, :0]
+        if self.aligned_len:  # (B, L, W) per index; the prefix keeps their mean
+            aligned, prefix = prefix, prefix.mean(1, keepdim=True)
         if self.lr_proj is None:
-            return prefix
+            return torch.cat([prefix, aligned], dim=1)
         if lr_tokens is None:
             raise ValueError("MAR-HR needs the LR tokens as condition")
         B = lr_tokens.shape[0]
@@ -119,7 +136,7 @@ class MAR(nn.Module):
                            device=lr_tokens.device)
         noise = torch.randn(lr_tokens.shape, device=lr_tokens.device, generator=generator)
         lr = t * noise + (1 - t) * lr_tokens  # (B, L_lr, C)
-        return torch.cat([prefix, self.lr_proj(lr)], dim=1)  # (B, P, W)
+        return torch.cat([prefix, self.lr_proj(lr), aligned], dim=1)  # (B, P + aligned, W)
 
     def drop_condition(self, prefix: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace the whole prefix by the learned fake one with probability cond_drop (per shape)."""
@@ -131,22 +148,31 @@ class MAR(nn.Module):
         """(B, P + L) bool: prefix positions and unmasked tokens."""
         return torch.cat([mask.new_ones(mask.shape[0], self.prefix_len), ~mask], dim=1)
 
-    def encode(self, tokens: torch.Tensor, prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder over prefix + unmasked tokens. tokens (B, L, C), mask (B, L) bool, same count per row."""
+    def encode(self, tokens: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder over prefix + unmasked tokens. tokens (B, L, C), cond (B, P [+ L], W) from
+        `condition`, mask (B, L) bool, same count per row."""
         B, W = tokens.shape[0], self.cfg.width
-        x = torch.cat([prefix, self.token_proj(tokens)], dim=1) + self.enc_pos  # (B, P + L, W)
+        x = torch.cat([cond[:, : self.prefix_len], self.token_proj(tokens) + self._aligned(cond)], dim=1)
+        x = x + self.enc_pos  # (B, P + L, W)
         x = x[self._keep(mask)].view(B, -1, W)  # (B, P + L_visible, W)
         for block in self.encoder:
             x = block(x)
         return self.enc_norm(x)
 
-    def decode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decoder with mask tokens put back; returns z (B, L, W) for the diffusion head."""
+    def _aligned(self, cond: torch.Tensor) -> torch.Tensor | float:
+        """The per-index part of the condition (B, L, W), or 0 in prefix mode."""
+        return cond[:, self.prefix_len:] if self.aligned_len else 0.0
+
+    def decode(self, x: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder with mask tokens put back; returns z (B, L, W) for the diffusion head.
+        `cond` (needed in aligned mode) adds each index's image token to its mask token too."""
         B, W = x.shape[0], self.cfg.width
         x = self.dec_proj(x)
         full = self.mask_token.to(x.dtype).expand(B, self.prefix_len + self.cfg.seq_len, W).clone()
         full[self._keep(mask)] = x.reshape(-1, W)
         full = full + self.dec_pos  # (B, P + L, W)
+        if self.aligned_len:
+            full = torch.cat([full[:, : self.prefix_len], full[:, self.prefix_len:] + self._aligned(cond)], dim=1)
         for block in self.decoder:
             full = block(full)
         return self.dec_norm(full)[:, self.prefix_len:] + self.diff_pos  # (B, L, W)
@@ -167,7 +193,7 @@ class MAR(nn.Module):
         if self.training:
             prefix = self.drop_condition(prefix)
         mask = self.random_mask(tokens.shape[0], tokens.device)          # (B, L)
-        z = self.decode(self.encode(tokens, prefix, mask), mask)          # (B, L, W)
+        z = self.decode(self.encode(tokens, prefix, mask), mask, prefix)  # (B, L, W)
         target, z = tokens[mask], z[mask]                                 # (N_masked, C), (N_masked, W)
         k = self.cfg.diff_batch_mul
         loss = self.diffloss.loss(target.repeat(k, 1), z.repeat(k, 1))
@@ -196,7 +222,7 @@ class MAR(nn.Module):
         both = (lambda t: torch.cat([t, t])) if cfg != 1.0 else (lambda t: t)  # noqa: E731 (cond; uncond)
         done = 0
         for step, count in enumerate(tokens_per_step(L, steps)):
-            z = self.decode(self.encode(both(tokens), prefix, both(mask)), both(mask))  # (B or 2B, L, W)
+            z = self.decode(self.encode(both(tokens), prefix, both(mask)), both(mask), prefix)  # (B or 2B, L, W)
             positions = order[:, done: done + count]                                   # (B, count)
             done += count
             pick = torch.zeros_like(mask).scatter_(1, positions, True)                  # (B, L)

@@ -38,6 +38,7 @@ from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
 from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
 from mar3d.render import Camera, render_views, rotate_to_view  # noqa: E402
 from mar3d.shapes import build_dataset  # noqa: E402
+from mar3d.single_view import ReconConfig  # noqa: E402
 from mar3d.train import TrainConfig, train  # noqa: E402
 from mar3d.vae import PRESETS as VAE_PRESETS  # noqa: E402
 
@@ -48,7 +49,8 @@ SHARED_MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshe
 class Recipe:
     shapes: int = 3000           # procedural training + held-out shapes
     real_variants: int = 20      # randomly turned / scaled copies of each shared mesh
-    val_percent: float = 4.0     # held-out share, by a hash of the shape name (≈ 130 shapes)
+    val_percent: float = 4.0     # held-out test share, by a hash of the shape name (≈ 130 shapes)
+    validation_percent: float = 4.0  # the next hash bucket: pilots are scored on it; no training step sees it
     views: int = 4               # condition renders per shape
     render_size: int = 128
     workers: int = 2
@@ -61,6 +63,12 @@ class Recipe:
     mar_hr_steps: int = 2250
     mar_batch: int = 32
     mar_lr: float = 5e-4
+    # the frozen image encoder: single-view reconstruction pretraining (mar3d.single_view); 0 steps = none
+    recon_steps: int = 0
+    recon_batch: int = 32
+    recon_lr: float = 1e-3
+    mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
+    mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
     eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
     device: str = "cpu"
@@ -120,19 +128,32 @@ def stage_render(r: Recipe, work: Path) -> None:
     done(rendered=count)
 
 
+def left_out(r: Recipe) -> float:
+    """The hash share no training step sees: the test split and the validation split."""
+    return r.val_percent + r.validation_percent
+
+
 def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -> None:
     done = timed_stage(work, task)
     if task == "vae":
         cfg = TrainConfig(steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, min_lr=r.vae_lr / 10,
-                          augment_yaw=True, val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250,
+                          augment_yaw=True, val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
                           threads=threads)
         last = train("vae", VAE_PRESETS["tiny"], cfg, work / "prepared", out)
+    elif task == "recon":
+        if not r.recon_steps:
+            return done(skipped=True)
+        cfg = TrainConfig(steps=r.recon_steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
+                          val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
+                          threads=threads, vae_dir=str(out), queries=512)
+        last = train("recon", ReconConfig(), cfg, work, out)
     else:
         steps = r.mar_lr_steps if task == "mar_lr" else r.mar_hr_steps
         cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_lr, min_lr=r.mar_lr / 10,
-                          val_percent=r.val_percent, device=r.device, eval_every=500, save_every=250,
-                          threads=threads)
-        last = train(task, MAR_PRESETS["tiny"], cfg, work / "cache", out)
+                          val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
+                          threads=threads, init_encoder=str(out) if r.recon_steps else "")
+        preset = dataclasses.replace(MAR_PRESETS["tiny"], aux_weight=r.mar_aux_weight, cond_mode=r.mar_cond_mode)
+        last = train(task, preset, cfg, work / "cache", out)
     done(**last)
 
 
@@ -155,7 +176,7 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
                 yield f"{npz.stem}/{k}", turned, work / "renders" / npz.stem / f"{k}.png"
 
     def held_out(name: str) -> bool:  # the anchors of the token order come from training shapes only
-        return is_held_out(name, r.val_percent)  # "<shape>/<view>" splits by its shape
+        return is_held_out(name, left_out(r))  # "<shape>/<view>" splits by its shape
 
     image_size = MAR_PRESETS["tiny"].image_encoder.image_size
     done(**build_cache(vae, items(), work / "cache", image_size=image_size, order="anchored", held_out=held_out))
@@ -248,7 +269,7 @@ def eval_settings():
     return Settings(seed=0, lr_mesh=False)
 
 
-STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "mar_lr", "mar_hr", "eval_image")
+STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "recon", "mar_lr", "mar_hr", "eval_image")
 
 
 def train_mar_parallel(r: Recipe, work: Path, out: Path) -> None:

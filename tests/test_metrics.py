@@ -141,3 +141,14 @@ def test_cli_directories(tmp_path):
     assert result["summary"]["median_chamfer"] == pytest.approx((rows["a"]["chamfer"] + rows["b"]["chamfer"]) / 2)
     table = run_cli(pred, gt, "--points", 2000)
     assert table.returncode == 0 and "| fscore@0.05 |" in table.stdout
+
+
+def test_slab_share_of_boxes_and_a_sphere():
+    from mar3d.metrics import slab_share
+
+    # a box w × h × d: top and bottom are 2·w·d of the area 2(wh + wd + hd)
+    for w, h, d in ((1.0, 1.0, 1.0), (2.0, 0.1, 1.0), (0.2, 3.0, 0.5)):
+        box = trimesh.creation.box((w, h, d))
+        assert slab_share(box) == pytest.approx(2 * w * d / (2 * (w * h + w * d + h * d)), abs=1e-9)
+    # a sphere: |n_y| > 0.95 on two caps of height 0.05 r each → 5 % of the area (up to facetting)
+    assert slab_share(trimesh.creation.icosphere(subdivisions=5)) == pytest.approx(0.05, abs=0.01)

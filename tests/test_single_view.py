@@ -112,3 +112,36 @@ def test_mar_on_the_frozen_encoder(work, tmp_path):
     torch.testing.assert_close(a, b)
     tokens = mar.sample(images, lr, steps=4, diffusion_steps=5, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (2, MICRO_VAE.hr_tokens, MICRO_VAE.latent_dim) and torch.isfinite(tokens).all()
+
+
+def test_aligned_conditioning_on_one_token_per_index():
+    """cond_mode 'aligned': one readout token per generated index, added to that index; CFG's null
+    condition covers it; a mismatched token count is refused."""
+    import dataclasses
+
+    from mar3d.mar import MAR
+
+    enc = ImageEncoderConfig(kind="readout", image_size=32, patch_size=8, width=32, layers=1, heads=2,
+                             readout_layers=1, readout_lr=8, readout_hr=32, output="hr", frozen=True)
+    cfg = dataclasses.replace(MICRO_MAR_HR, image_encoder=enc, cond_mode="aligned")
+    torch.manual_seed(0)
+    mar = MAR(cfg)
+    assert mar.prefix_len == 1 + 8 and mar.fake_prefix.shape[1] == 1 + 8 + 32
+    images, lr = torch.rand(2, 3, 32, 32), torch.randn(2, 8, 8)
+    loss = mar(torch.randn(2, 32, 8), images, lr)
+    loss.backward()
+    assert torch.isfinite(loss) and mar.token_proj.weight.grad is not None
+    assert all(p.grad is None for p in mar.image_encoder.parameters())  # frozen
+    mar.eval()
+    with torch.no_grad():
+        cond = mar.condition(images, lr, aug_t=0.0)
+        mask = torch.ones(2, 32, dtype=torch.bool)
+        z = mar.decode(mar.encode(torch.zeros(2, 32, 8), cond, mask), mask, cond)
+        other = cond.clone()
+        other[:, mar.prefix_len + 5] += 1.0  # index 5's own image token
+        z2 = mar.decode(mar.encode(torch.zeros(2, 32, 8), other, mask), mask, other)
+    assert (z2 - z).abs()[:, 5].mean() > (z2 - z).abs()[:, 6:].mean()  # felt most at its own index
+    out = mar.sample(images, lr, steps=4, cfg=3.0, diffusion_steps=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 32, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="one image token per index"):
+        MAR(dataclasses.replace(cfg, seq_len=16))

@@ -98,3 +98,16 @@ def test_split_groups_variants_and_views():
         assert len(sides) == 1  # all variants and views of one mesh on one side
     held = sum(is_held_out(n, 30.0) for n in names) / len(names)
     assert 0.1 < held < 0.5
+
+
+def test_validation_split_is_apart_from_test_and_training():
+    from mar3d.data import is_held_out, is_validation
+
+    names = [f"chair_{i:05d}" for i in range(4000)]
+    test = {n for n in names if is_held_out(n, 4.0)}
+    val = {n for n in names if is_validation(n, 4.0, 4.0)}
+    train = {n for n in names if not is_held_out(n, 8.0)}
+    assert not (test & val) and not (test & train) and not (val & train)
+    assert test | val | train == set(names)
+    assert 0.03 < len(val) / len(names) < 0.05 and 0.03 < len(test) / len(names) < 0.05
+    assert is_validation("real__spot@03/2", 4.0, 4.0) == is_validation("real__spot@11", 4.0, 4.0)

@@ -1,0 +1,127 @@
+"""Score a recipe pilot on the validation split (never the test split): image → 3D at the pipeline's defaults.
+
+    python scripts/pilot_eval.py --work data/demo --ckpt runs/pilot --label "P1 frozen recon encoder" [--recon]
+
+For the first `--shapes` validation shapes (mar3d.data.is_validation; view 0, seed 0) it writes the
+HR mesh, the LR preview (64³, as the app shows it) and, with --recon, the deterministic
+reconstructor's mesh (its predicted HR tokens decoded at 128³) under <work>/pilots/<slug>/, scores
+each against the shape turned into the view's frame (mar3d.evaluate's protocol) and prints one
+json line: median / mean F@0.05, the share of shapes ≥ 0.5, the mean slab share of the meshes and
+of their ground truth, and per-family medians. Rows go to <work>/pilots/<slug>.json. CI never runs this.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_demo import Recipe, eval_settings, ground_truth  # noqa: E402
+
+from mar3d.checkpoint import load_model  # noqa: E402
+from mar3d.data import is_validation  # noqa: E402
+from mar3d.extract import ExtractionError, extract_mesh  # noqa: E402
+from mar3d.metrics import compare_meshes  # noqa: E402
+from mar3d.pipeline import PREVIEW_RESOLUTION, MAR3DPipeline  # noqa: E402
+from mar3d.preprocess import preprocess_image  # noqa: E402
+
+
+def family(name: str) -> str:
+    return "real" if name.startswith("real__") else name.rsplit("_", 1)[0]
+
+
+def validation_shapes(work: Path, r: Recipe, count: int) -> list[Path]:
+    files = sorted((work / "prepared").glob("*.npz"))
+    return [f for f in files if is_validation(f.stem, r.val_percent, r.validation_percent)][:count]
+
+
+def score(mesh, gt) -> dict:
+    if mesh is None:
+        return {"fscore@0.05": 0.0, "failed": True}
+    m = compare_meshes(mesh, gt)
+    return {k: round(m[k], 4) for k in ("fscore@0.05", "fscore@0.02", "chamfer", "normal_consistency",
+                                          "slab_share", "gt_slab_share")}
+
+
+def summary(rows: list[dict], key: str) -> dict:
+    f = [r[key]["fscore@0.05"] for r in rows]
+    ok = [r[key] for r in rows if not r[key].get("failed")]
+    fam = {}
+    for r in rows:
+        fam.setdefault(family(r["shape"]), []).append(r[key]["fscore@0.05"])
+    return {"median_f": round(statistics.median(f), 4), "mean_f": round(statistics.fmean(f), 4),
+            "share_ge_0.5": round(float(np.mean([x >= 0.5 for x in f])), 3),
+            "slab_share": round(statistics.fmean(m["slab_share"] for m in ok), 3) if ok else None,
+            "gt_slab_share": round(statistics.fmean(m["gt_slab_share"] for m in ok), 3) if ok else None,
+            "failed": len(rows) - len(ok),
+            "families": {k: round(statistics.median(v), 3) for k, v in sorted(fam.items())}}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True)
+    p.add_argument("--ckpt", required=True, help="directory with vae, mar_lr, mar_hr (and recon)")
+    p.add_argument("--label", required=True)
+    p.add_argument("--shapes", type=int, default=48)
+    p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
+    p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline Settings overrides")
+    args = p.parse_args(argv)
+    work, ckpt, r = Path(args.work), Path(args.ckpt), Recipe()
+    slug = re.sub(r"[^a-z0-9]+", "-", args.label.lower()).strip("-")
+    out = work / "pilots" / slug
+    out.mkdir(parents=True, exist_ok=True)
+    settings = eval_settings()
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        setattr(settings, k, type(getattr(settings, k))(v))
+    settings.lr_mesh = True
+    pipe = None if args.no_cascade else MAR3DPipeline.from_pretrained(ckpt)
+    recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
+    vae = pipe.vae if pipe else load_model(ckpt, "vae")
+    rows, t0 = [], time.time()
+    for npz in validation_shapes(work, r, args.shapes):
+        _, gt = ground_truth(work, npz)
+        image = work / "renders" / npz.stem / "0.png"
+        row = {"shape": npz.stem}
+        if pipe is not None:
+            try:
+                res = pipe(image, settings)
+                res.mesh.export(out / f"{npz.stem}.ply")
+                hr, lr = res.mesh, res.lr_mesh
+            except ExtractionError:
+                hr, lr = None, None
+            row["hr"], row["lr"] = score(hr, gt), score(lr, gt)
+        if recon is not None:
+            pre = preprocess_image(image, "auto", settings.foreground_ratio, size=recon.encoder.size)
+            pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+            with torch.no_grad():
+                latents = recon.denormalize(recon(pixels)[1])
+            try:
+                mesh, _ = extract_mesh(vae.occupancy_fn(latents), resolution=settings.resolution)
+                mesh.export(out / f"{npz.stem}.recon.ply")
+            except ExtractionError:
+                mesh = None
+            row["recon"] = score(mesh, gt)
+        rows.append(row)
+    (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
+    result = {"label": args.label, "shapes": len(rows), "minutes": round((time.time() - t0) / 60, 1),
+              "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}}
+    for key in ("hr", "lr", "recon"):
+        if rows and key in rows[0]:
+            result[key] = summary(rows, key)
+    print(json.dumps(result), flush=True)
+    with (work / "pilots" / "results.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
