@@ -38,9 +38,14 @@ def family(name: str) -> str:
     return "real" if name.startswith("real__") else name.rsplit("_", 1)[0]
 
 
-def validation_shapes(work: Path, r: Recipe, count: int) -> list[Path]:
-    files = sorted((work / "prepared").glob("*.npz"))
-    return [f for f in files if is_validation(f.stem, r.val_percent, r.validation_percent)][:count]
+def validation_shapes(work: Path, r: Recipe, count: int, pick: str = "spread") -> list[Path]:
+    """`count` validation shapes: "spread" = evenly over the name-sorted list (every family),
+    "first" = the first in name order (this session's first pilots: families aircraft … lamp only)."""
+    files = [f for f in sorted((work / "prepared").glob("*.npz"))
+             if is_validation(f.stem, r.val_percent, r.validation_percent)]
+    if pick == "first" or count >= len(files):
+        return files[:count]
+    return [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
 
 
 def score(mesh, gt) -> dict:
@@ -71,6 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", required=True, help="directory with vae, mar_lr, mar_hr (and recon)")
     p.add_argument("--label", required=True)
     p.add_argument("--shapes", type=int, default=48)
+    p.add_argument("--pick", choices=["spread", "first"], default="spread", help="which validation shapes")
     p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
     p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline Settings overrides")
@@ -88,7 +94,7 @@ def main(argv=None) -> None:
     recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
-    for npz in validation_shapes(work, r, args.shapes):
+    for npz in validation_shapes(work, r, args.shapes, args.pick):
         _, gt = ground_truth(work, npz)
         image = work / "renders" / npz.stem / "0.png"
         row = {"shape": npz.stem}
@@ -113,7 +119,7 @@ def main(argv=None) -> None:
             row["recon"] = score(mesh, gt)
         rows.append(row)
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
-    result = {"label": args.label, "shapes": len(rows), "minutes": round((time.time() - t0) / 60, 1),
+    result = {"label": args.label, "shapes": len(rows), "pick": args.pick, "minutes": round((time.time() - t0) / 60, 1),
               "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}}
     for key in ("hr", "lr", "recon"):
         if rows and key in rows[0]:
