@@ -5,7 +5,7 @@ Three kinds:
   MAR; tokens = its CLS token + patch tokens.
 - ``"readout"``: the same tiny ViT followed by a readout head: one learned query per LR and per HR
   shape token (anchored order, mar3d.token_order) cross-attends to the ViT tokens. It is
-  pretrained on single-view reconstruction (mar3d.recon: image → shape tokens → the frozen VAE
+  pretrained on single-view reconstruction (mar3d.single_view: image → shape tokens → the frozen VAE
   decoder), then frozen inside MAR (this project's stand-in for the paper's frozen CLIP + DINOv2,
   which cannot be had offline). tokens = the readout features of the LR or HR queries.
 - ``"pretrained"``: frozen CLIP ViT-L/14 vision tower + DINOv2 loaded from local directories;

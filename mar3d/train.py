@@ -31,9 +31,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .cache import load_cache
-from .checkpoint import _atomic, save_model
+from .checkpoint import _atomic, load_model, save_model
 from .cli import add_dataclass_flags, dataclass_from_args, parse_bool
-from .data import ShapeBank, is_held_out, split_files
+from .data import ShapeBank, is_held_out, split_files, yaw_matrices
 from .mar import PRESETS as MAR_PRESETS
 from .mar import MAR, MARConfig
 from .single_view import ReconConfig, SingleViewRecon
@@ -212,8 +212,6 @@ class MARTask:
         self.probe_idx = self.train_idx[:: max(1, len(self.train_idx) // 32)][:32]
         self.recon = None
         if cfg.init_encoder:  # the pretrained single-view encoder, frozen: its LR or HR query features
-            from .checkpoint import load_model
-
             self.recon = load_model(cfg.init_encoder, "recon")
             self.model_cfg = dataclasses.replace(self.model_cfg, image_encoder=self.recon.encoder_config(self.stage))
         self.features = None  # a frozen encoder's output for every entry, computed once in build_model
@@ -273,7 +271,6 @@ class ReconTask:
     presets = {"tiny": ReconConfig()}
 
     def __init__(self, model_cfg: ReconConfig, cfg: TrainConfig, data_dir: str):
-        from .checkpoint import load_model
         from .render import Camera
 
         self.cfg = cfg
@@ -308,8 +305,6 @@ class ReconTask:
 
     def occupancy(self, idx: torch.Tensor, queries: int, generator: torch.Generator):
         """Occupancy samples of the entries' shapes, turned into each entry's view frame."""
-        from .data import yaw_matrices
-
         b = self.bank.sample(self.shape_of[idx], queries, generator)
         rot = yaw_matrices(self.view_yaw[idx])  # (B, 3, 3)
         points = torch.einsum("bij,bnj->bni", rot, torch.cat([b.uniform, b.near], 1))

@@ -2,7 +2,8 @@
 
     python scripts/pilot_eval.py --work data/demo --ckpt runs/pilot --label "P1 frozen recon encoder" [--recon]
 
-For the first `--shapes` validation shapes (mar3d.data.is_validation; view 0, seed 0) it writes the
+For `--shapes` validation shapes (mar3d.data.is_validation; spread over the families, or
+`--pick first`; view 0, seed 0) it writes the
 HR mesh, the LR preview (64³, as the app shows it) and, with --recon, the deterministic
 reconstructor's mesh (its predicted HR tokens decoded at 128³) under <work>/pilots/<slug>/, scores
 each against the shape turned into the view's frame (mar3d.evaluate's protocol) and prints one

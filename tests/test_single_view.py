@@ -18,7 +18,7 @@ MICRO_RECON = ReconConfig(encoder=ImageEncoderConfig(kind="readout", image_size=
                                                      layers=1, heads=2, readout_layers=1))
 
 
-def _image(kind: str, rng) -> np.ndarray:
+def _image(kind: str) -> np.ndarray:
     """A flat picture that tells the shapes apart: a red disc for spheres, a blue square for boxes."""
     img = np.full((32, 32, 4), 0, np.uint8)
     yy, xx = np.mgrid[:32, :32]
@@ -52,7 +52,7 @@ def work(tmp_path_factory):
         (root / "renders" / name / "cameras.json").write_text(json.dumps([c.to_dict() for c in cams]))
         surface = np.load(root / "prepared" / f"{name}.npz")["surface"]
         for k, cam in enumerate(cams):
-            items.append((f"{name}/{k}", rotate_to_view(surface, cam).astype(np.float32), _image(kind, rng)))
+            items.append((f"{name}/{k}", rotate_to_view(surface, cam).astype(np.float32), _image(kind)))
     build_cache(vae, items, root / "cache", image_size=32)
     return root
 
