@@ -35,6 +35,7 @@ import numbers
 import random
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -45,7 +46,7 @@ from mar3d.checkpoint import CheckpointError
 from mar3d.extract import ExtractionError
 from mar3d.mesh_io import FORMATS, ExportError, export_mesh, mesh_stats
 from mar3d.pipeline import MAR3DPipeline, Settings
-from mar3d.preprocess import BACKGROUND_MODES, MAX_IMAGE_PIXELS, ImageError
+from mar3d.preprocess import BACKGROUND_MODES, MAX_IMAGE_PIXELS, ImageError, warm_up_background_removal
 
 CHECKPOINT_FILES = [f"{name}.{ext}" for name in ("vae", "mar_lr", "mar_hr") for ext in ("json", "safetensors")]
 EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -53,6 +54,15 @@ MAX_SEED = 2**31 - 1
 # Strings, not ints: Gradio documents a dropdown's API type as "string" whatever its choices are.
 RESOLUTIONS = ["64", "128", "256"]
 BACKGROUND_LABELS = {"auto": "auto (keep alpha, else remove)", "remove": "remove", "none": "none (keep as is)"}
+# The processed image is shown at least this many pixels wide (app.enlarged).
+DISPLAY_SIDE = 384
+# The viewer's background (RGBA in 0..1): a light grey under the mid-grey mesh (mar3d.mesh_io), so the
+# shape reads against it and against the white page.
+VIEWER_BACKGROUND = (0.86, 0.88, 0.91, 1.0)
+DOMAIN_NOTE = ("**What the shipped model knows:** procedural shapes of 15 families (chairs, tables, stools, "
+               "sofas, shelves, mugs, vases and bottles, lamps, cars, aircraft, animals, beds, benches, rockets, "
+               "towers) and a few real meshes, rendered on plain backgrounds (checkpoints/README.md). Photos of "
+               "other things are outside its domain: it answers with the nearest shape it knows.")
 # Gradio's cache (uploads, returned files): every 10 minutes, delete what is older than an hour.
 DELETE_CACHE = (600, 3600)
 # Limits, on purpose (README, "Limits and failure behaviour"): Gradio refuses bigger uploads before
@@ -61,6 +71,14 @@ DELETE_CACHE = (600, 3600)
 MAX_FILE_SIZE = "20mb"
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 log = logging.getLogger("mar3d.app")
+
+
+class UserError(gr.Error):
+    """A request refused for what the user sent: one line in the server log, no traceback."""
+
+    def __init__(self, message: str):
+        log.info("refused: %s", message)
+        super().__init__(message, print_exception=False)  # Gradio prints the rest otherwise
 
 
 def with_clear_image_errors(widget: gr.Image) -> gr.Image:
@@ -77,11 +95,11 @@ def with_clear_image_errors(widget: gr.Image) -> gr.Image:
             raise
         except Image.DecompressionBombError as e:
             name = getattr(payload, "orig_name", None) or "the upload"
-            raise gr.Error(f"{name} is too large: images over {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are "
-                           "refused.") from e
+            raise UserError(f"{name} is too large: images over {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are "
+                            "refused.") from None
         except Exception as e:  # PIL.UnidentifiedImageError (an OSError), SyntaxError, ValueError...
             name = getattr(payload, "orig_name", None) or "the upload"
-            raise gr.Error(f"{name} is not a readable image ({type(e).__name__}).") from e
+            raise UserError(f"{name} is not a readable image ({type(e).__name__}).") from None
 
     widget.preprocess = checked
     return widget
@@ -102,7 +120,7 @@ def with_checked_value(widget: gr.components.Component, name: str) -> gr.compone
 
     def checked(payload):
         if not valid(payload):
-            raise gr.Error(f"Invalid settings: {name} must be {expected}, got {payload!r}.")
+            raise UserError(f"Invalid settings: {name} must be {expected}, got {payload!r}.")
         return preprocess(payload)
 
     widget.preprocess = checked
@@ -112,32 +130,83 @@ def with_checked_value(widget: gr.components.Component, name: str) -> gr.compone
 # --------------------------------------------------------------------------------- generation
 
 
+# What the progress bar says at each stage, and where each stage starts on the bar (a rough share of
+# a default run's time on a 2-core CPU, bench/bench_app.py): the bar moves through every stage.
+STAGE_LABELS = {"preprocess": "Removing background", "lr": "MAR-LR sampling", "lr_mesh": "LR preview mesh",
+                "hr": "MAR-HR sampling", "hr_mesh": "HR mesh extraction", "export": "Exporting"}
+STAGE_SPAN = {"preprocess": (0.0, 0.03), "lr": (0.03, 0.2), "lr_mesh": (0.2, 0.25), "hr": (0.25, 0.7),
+              "hr_mesh": (0.7, 0.95), "export": (0.95, 1.0)}
+
+
+def stage_progress(stage: str, step: int, total: int) -> tuple[float, str]:
+    """(fraction of the whole run done, label) for the pipeline's progress event (stage, step, total)."""
+    lo, hi = STAGE_SPAN[stage]
+    label = STAGE_LABELS[stage] + (f" {step}/{total}" if stage in ("lr", "hr") else "…")
+    return lo + (hi - lo) * step / max(total, 1), label
+
+
+def settings_of(seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr, temperature,
+                diffusion_steps, cond_aug_t, resolution, target_faces) -> Settings:
+    return Settings(seed=int(seed), background=background, foreground_ratio=float(foreground_ratio),
+                    lr_steps=int(lr_steps), hr_steps=int(hr_steps), cfg_lr=float(cfg_lr), cfg_hr=float(cfg_hr),
+                    temperature=float(temperature), diffusion_steps=int(diffusion_steps),
+                    cond_aug_t=float(cond_aug_t), resolution=int(resolution),
+                    target_faces=int(target_faces), lr_mesh=True)
+
+
+def enlarged(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """The condition image scaled up by a whole factor to at least `side` pixels, nearest neighbour:
+    readable on the page, and still the model's own pixels (each one a k×k block)."""
+    k = max(1, math.ceil(side / max(image.size)))
+    return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+
+
+def cut_out(pipe: MAR3DPipeline, image, background, foreground_ratio):
+    """At upload (and when the background mode or ratio changes): the condition image the model will
+    see, shown at once, and kept in the session's state for Generate. Returns (image for the
+    "Processed image" panel, state)."""
+    if image is None:
+        return None, None
+    key = (str(image), background, float(foreground_ratio))
+    try:
+        pre = pipe.preprocess(image, Settings(background=background, foreground_ratio=float(foreground_ratio)))
+    except ImageError as e:
+        raise UserError(f"Cannot use this image: {e}") from None
+    except ValueError as e:
+        raise UserError(f"Invalid settings: {e}") from None
+    return enlarged(pre.image), {"key": key, "pre": pre}
+
+
 def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
-             temperature, diffusion_steps, cond_aug_t, resolution, target_faces, export_format,
+             temperature, diffusion_steps, cond_aug_t, resolution, target_faces, export_format, cut=None,
              progress=gr.Progress()):
     """Widget values → pipeline call. Yields (processed image, viewer GLB, download, stats) twice:
-    the LR preview as soon as it exists, then the HR mesh."""
+    the LR preview as soon as it exists, then the HR mesh. `cut` is the session's cut-out (cut_out):
+    reused when it was made from this image with these background settings."""
     if image is None:
-        raise gr.Error("Upload an image first (or pick an example).")
-    settings = Settings(seed=int(seed), background=background, foreground_ratio=float(foreground_ratio),
-                        lr_steps=int(lr_steps), hr_steps=int(hr_steps), cfg_lr=float(cfg_lr), cfg_hr=float(cfg_hr),
-                        temperature=float(temperature), diffusion_steps=int(diffusion_steps),
-                        cond_aug_t=float(cond_aug_t), resolution=int(resolution),
-                        target_faces=int(target_faces), lr_mesh=True)
-    stage_names = {"lr": "MAR-LR", "hr": "MAR-HR"}
+        raise UserError("Upload an image first (or pick an example).")
+    try:
+        settings = settings_of(seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
+                               temperature, diffusion_steps, cond_aug_t, resolution, target_faces)
+        settings.check()
+    except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
+        raise UserError(f"Invalid settings: {e}") from None
+    source = image
+    if cut and cut.get("key") == (str(image), background, float(foreground_ratio)):
+        source = cut["pre"]
     # One folder per request; Gradio copies what we return into its own cache (cleaned by
     # DELETE_CACHE), so the folder goes as soon as the request ends.
     with tempfile.TemporaryDirectory(prefix="mar3d_app_") as folder:
         try:
-            for kind, value in stream_pipeline(pipe, image, settings):
+            for kind, value in stream_pipeline(pipe, source, settings):
                 if kind == "progress":
-                    stage, step, total = value
-                    progress((step, total), desc=f"{stage_names[stage]} sampling", unit="steps")
+                    progress(*stage_progress(*value))
                 elif kind == "lr_mesh" and value is not None:
                     preview = export_mesh(value, Path(folder) / "preview_lr.glb")
                     yield gr.skip(), str(preview), gr.skip(), {"status": "LR preview shown; sampling MAR-HR"}
                 elif kind == "result":
                     result = value
+            progress(*stage_progress("export", 0, 1))
             # the viewer always gets a GLB; the download comes in the chosen format
             name = Path(folder) / f"mar3d_seed{settings.seed}"
             viewer = export_mesh(result.mesh, name.with_suffix(".glb"))
@@ -146,15 +215,16 @@ def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_
                 download = export_mesh(result.mesh, name.with_suffix("." + export_format))
             # a file rather than a PIL image: Gradio then tracks its cached copy, which DELETE_CACHE sweeps
             processed = Path(folder) / "processed.png"
-            result.image.save(processed)
+            enlarged(result.image).save(processed)
         except ImageError as e:
-            raise gr.Error(f"Cannot use this image: {e}") from e
+            raise UserError(f"Cannot use this image: {e}") from None
         except ExtractionError as e:
-            raise gr.Error(f"No surface to extract ({e}). Try another seed or more sampling steps.") from e
+            raise UserError(f"No surface to extract ({e}). Try another seed or more sampling steps.") from None
         except ExportError as e:
+            log.exception("export failed")
             raise gr.Error(f"Could not write the mesh: {e}") from e
-        except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
-            raise gr.Error(f"Invalid settings: {e}") from e
+        except ValueError as e:
+            raise UserError(f"Invalid settings: {e}") from None
         except Exception as e:  # a fault in the model (out of memory...): this request fails, the app serves on
             log.exception("generation failed")
             raise gr.Error(f"Generation failed ({type(e).__name__}); please try again. "
@@ -221,6 +291,21 @@ def example_images(examples_dir: str | Path | None) -> list[str]:
     return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
 
 
+def example_caption(path: str | Path, captions: dict) -> str:
+    """The caption of an example image: <examples>/captions.json's entry, else its name made readable."""
+    name = Path(path).name
+    return captions.get(name) or Path(name).stem.replace("_", " ")
+
+
+def read_captions(examples_dir: str | Path | None) -> dict:
+    path = Path(examples_dir or ".") / "captions.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        log.warning("ignoring %s: not valid json", path)
+        return {}
+
+
 def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> gr.Blocks:
     """The page: input and background on the left, sampling controls in the middle, mesh on the right."""
     d = Settings()
@@ -228,20 +313,18 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
 
     with gr.Blocks(title="MAR-3D", delete_cache=DELETE_CACHE, analytics_enabled=False) as demo:
         gr.Markdown("# MAR-3D: one image → a 3D mesh\nMAR-LR samples coarse shape tokens, MAR-HR refines "
-                    "them; the viewer shows the LR preview first, then the HR mesh.")
+                    "them; the viewer shows the LR preview first, then the HR mesh.\n\n" + DOMAIN_NOTE)
+        cut = gr.State(None)  # this session's cut-out of the current upload (cut_out), reused by Generate
         with gr.Row():
             with gr.Column():
                 image = with_clear_image_errors(gr.Image(label="Input image", type="filepath", image_mode=None,
-                                                         sources=["upload", "clipboard"]))  # None: keeps alpha
-                examples = example_images(examples_dir)
-                if examples:
-                    gr.Examples(examples=[[p] for p in examples], inputs=[image], cache_examples=False)
+                                                         sources=["upload", "clipboard"], height=300))  # None: keeps alpha
                 background = gr.Radio([(BACKGROUND_LABELS[m], m) for m in BACKGROUND_MODES], value=d.background,
                                       label="Background")
                 foreground_ratio = gr.Slider(0.5, 1.0, d.foreground_ratio, step=0.05, label="Foreground ratio",
                                              info="object size in the condition image")
                 processed = gr.Image(label="Processed image (what the model sees)", format="png",
-                                     interactive=False)
+                                     interactive=False, height=320)
             with gr.Column():
                 with gr.Row(equal_height=True):
                     seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
@@ -262,9 +345,16 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
                                              label="Target face count", info="0 = keep all faces")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column():
-                viewer = gr.Model3D(label="Mesh (LR preview, then HR)", height=420)
+                viewer = gr.Model3D(label="Mesh (LR preview, then HR)", height=420, clear_color=VIEWER_BACKGROUND)
                 download = gr.File(label="Download", interactive=False)
                 stats_panel = gr.JSON(label="Stats")
+
+        examples = example_images(examples_dir)
+        if examples:
+            captions = read_captions(examples_dir)
+            gr.Examples(examples=[[p] for p in examples], inputs=[image], cache_examples=False,
+                        examples_per_page=len(examples), label="Examples (click one, then Generate)",
+                        example_labels=[example_caption(p, captions) for p in examples])
 
         # Keys are the Settings field names (and export_format): the API's parameter names and
         # the URL's query keys.
@@ -275,8 +365,17 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
         for key, widget in widgets.items():
             with_checked_value(widget, key)
 
-        run.click(functools.partial(generate, pipe), inputs=[image, *widgets.values()],
-                  outputs=[processed, viewer, download, stats_panel], api_name="generate")
+        # The cut-out is made at upload and whenever its settings change, so a user sees what the model
+        # will see before pressing Generate (a bad upload is refused here, with the message).
+        make_cut = functools.partial(cut_out, pipe)
+        for trigger in (image.change, background.change, foreground_ratio.release):
+            trigger(make_cut, inputs=[image, background, foreground_ratio], outputs=[processed, cut],
+                    api_visibility="private")
+        # Progress shows on the stats panel only: the viewer stays visible, so the LR
+        # preview is seen while MAR-HR runs (Gradio's default would cover every output).
+        run.click(functools.partial(generate, pipe), inputs=[image, *widgets.values(), cut],
+                  outputs=[processed, viewer, download, stats_panel], api_name="generate",
+                  show_progress_on=[stats_panel])
         dice.click(random_seed, outputs=seed, queue=False, api_visibility="private")
 
         # A closure, not functools.partial: Gradio finds the gr.Request parameter by its type hint,
@@ -305,6 +404,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more are refused")
     p.add_argument("--examples", default=str(Path(__file__).parent / "assets"), help="folder of example images")
     args = p.parse_args(argv)
+    # the server log: one line per refused request (UserError), a traceback per fault
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):  # a line per HTTP request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     missing = [n for n in CHECKPOINT_FILES if not (Path(args.checkpoint) / n).is_file()]
     if missing:
@@ -317,6 +420,9 @@ def main(argv=None) -> int:
         print(f"mar3d: {e}", file=sys.stderr)
         return 1
 
+    # rembg's import takes ~30 s: paid at start-up, in the background (a request meanwhile waits for it)
+    threading.Thread(target=lambda: print(f"mar3d: background removal: {warm_up_background_removal()}",
+                                          file=sys.stderr), name="rembg-warm-up", daemon=True).start()
     demo = build_demo(pipe, args.examples)
     serve(demo, args.concurrency, args.max_queue, server_name=args.host, server_port=args.port, share=args.share)
     return 0

@@ -52,6 +52,9 @@ class ImageEncoderConfig:
     width: int = 128
     layers: int = 4
     heads: int = 4
+    # "patch": DINOv2's linear patch embedding; "conv": a stride-2 3x3 conv stack down to the same
+    # token grid, then the same transformer (ConvStemViT; early convolutions train faster on small data)
+    stem: str = "patch"
     # readout: one query per shape token; `output` picks which queries' features are the tokens
     readout_lr: int = 32
     readout_hr: int = 128
@@ -143,6 +146,45 @@ def readout_slice(cfg: ImageEncoderConfig) -> slice:
         raise ValueError(f"unknown readout output {cfg.output!r} (expected 'lr', 'hr' or 'all')") from None
 
 
+class ConvStemViT(nn.Module):
+    """A small ViT whose patch embedding is a stack of 3x3 stride-2 convolutions (Xiao et al. 2021,
+    "Early convolutions help transformers see better"): log2(patch_size) of them, widths doubling up
+    to `width`, so the token grid is the patch grid. pixel_values (B, 3, S, S) → an object with
+    .last_hidden_state (B, 1 + (S / patch)², width): CLS first, as DINOv2's."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        from .layers import SelfBlock, init_weights
+
+        n = cfg.patch_size.bit_length() - 1
+        if 2 ** n != cfg.patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch_size, got {cfg.patch_size}")
+        widths = [3] + [max(cfg.width >> (n - 1 - i), 8) for i in range(n)]
+        layers = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1)] + ([nn.GroupNorm(1, b), nn.GELU()] if i < n - 1 else [])
+        self.stem = nn.Sequential(*layers)
+        grid = (cfg.image_size // cfg.patch_size) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos = nn.Parameter(torch.randn(1, 1 + grid, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(SelfBlock(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        for module in (self.blocks, self.norm):
+            module.apply(init_weights)
+
+    def forward(self, pixel_values: Tensor):
+        x = self.stem(pixel_values).flatten(2).transpose(1, 2)  # (B, grid, W)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return _Hidden(self.norm(x))
+
+
+class _Hidden:
+    def __init__(self, last_hidden_state: Tensor):
+        self.last_hidden_state = last_hidden_state
+
+
 class ImageEncoder(nn.Module):
     """images (B, 3, H, W) in [0, 1] -> condition tokens (B, num_tokens, dim)."""
 
@@ -161,18 +203,23 @@ class ImageEncoder(nn.Module):
 
     # ---- construction -------------------------------------------------------------------
     def _build_tiny(self, cfg: ImageEncoderConfig) -> None:
-        from transformers import Dinov2Config, Dinov2Model
-
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-        vit_cfg = Dinov2Config(
-            image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
-            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, mlp_ratio=4,
-        )
-        self.vit = Dinov2Model(vit_cfg)
-        # DINOv2's mask token (for masked-image pretraining) is never used here; frozen, it
-        # does not leave DDP waiting for a gradient that never comes.
-        self.vit.embeddings.mask_token.requires_grad_(False)
+        if cfg.stem == "conv":
+            self.vit = ConvStemViT(cfg)
+        elif cfg.stem == "patch":
+            from transformers import Dinov2Config, Dinov2Model
+
+            vit_cfg = Dinov2Config(
+                image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.width,
+                num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, mlp_ratio=4,
+            )
+            self.vit = Dinov2Model(vit_cfg)
+            # DINOv2's mask token (for masked-image pretraining) is never used here; frozen, it
+            # does not leave DDP waiting for a gradient that never comes.
+            self.vit.embeddings.mask_token.requires_grad_(False)
+        else:
+            raise ValueError(f"unknown stem {cfg.stem!r} (expected 'patch' or 'conv')")
         self.size = cfg.image_size
         self.trainable = True
         self.num_tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2  # CLS + patches

@@ -15,8 +15,9 @@ from trimesh.visual.material import PBRMaterial
 
 FORMATS = ("glb", "obj", "ply", "stl")
 
-# Neutral light grey, a bit rough, not metallic: reads well under default viewer lighting.
-GREY_MATERIAL = dict(name="mar3d_grey", baseColorFactor=[0.7, 0.7, 0.7, 1.0],
+# Neutral mid grey, a bit rough, not metallic: under the viewer's lights it reads against the app's
+# light viewer background (0.7 came out pale lavender on white, issue 13).
+GREY_MATERIAL = dict(name="mar3d_grey", baseColorFactor=[0.5, 0.5, 0.5, 1.0],
                      metallicFactor=0.0, roughnessFactor=0.7)
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .checkpoint import load_model, save_model
 from .extract import ExtractionError, extract_mesh
-from .preprocess import BACKGROUND_MODES, preprocess_image
+from .preprocess import BACKGROUND_MODES, PreprocessResult, preprocess_image
 
 
 @dataclass
@@ -77,7 +77,10 @@ class Result:
     hr_tokens: torch.Tensor            # (1, L_hr, C) VAE latents
 
 
-Progress = Callable[[str, int, int], None]  # (stage, step, total)
+# (stage, step, total). Stages in order: "preprocess", "lr" (MAR-LR steps), "lr_mesh", "hr" (MAR-HR
+# steps), "hr_mesh"; the stages without steps report (stage, 0, 1) when they start.
+Progress = Callable[[str, int, int], None]
+STAGES = ("preprocess", "lr", "lr_mesh", "hr", "hr_mesh")
 
 # The LR preview is a coarse shape (the LR token set), so it is extracted on a coarser grid: at
 # 64³ it shows in well under a second where 128³ took ~3.7 s on a 2-core CPU (bench/bench_app.py).
@@ -105,12 +108,17 @@ class MAR3DPipeline:
     @torch.no_grad()
     def __call__(self, image, settings: Settings | None = None, on_lr_mesh: Callable | None = None,
                  progress: Progress | None = None, **overrides) -> Result:
-        """Generate a mesh from `image` (path, bytes, array or PIL image). Keyword overrides patch `settings`."""
+        """Generate a mesh from `image` (path, bytes, array or PIL image, or the PreprocessResult of
+        `self.preprocess`, which is then used as it is). Keyword overrides patch `settings`."""
         s = dataclasses.replace(settings or Settings(), **overrides)
         s.check()
+        report = progress or (lambda stage, step, total: None)
         seconds = {}
         t = time.perf_counter()
-        pre = preprocess_image(image, s.background, s.foreground_ratio, size=self.image_size)
+        report("preprocess", 0, 1)
+        pre = image if isinstance(image, PreprocessResult) else self.preprocess(image, s)
+        if pre.image.size != (self.image_size, self.image_size):
+            raise ValueError(f"the preprocessed image is {pre.image.size}, this pipeline takes {self.image_size}²")
         pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255).to(self.device)
         generator = torch.Generator(self.device).manual_seed(s.seed)
         seconds["preprocess"] = time.perf_counter() - t
@@ -122,6 +130,7 @@ class MAR3DPipeline:
         lr_mesh = None
         if s.lr_mesh:
             t = time.perf_counter()
+            report("lr_mesh", 0, 1)
             try:
                 lr_mesh = self.extract(lr_latents, s, resolution=min(s.resolution, PREVIEW_RESOLUTION))
             except ExtractionError:  # an empty preview is no reason to stop: the HR stage may still succeed
@@ -136,9 +145,18 @@ class MAR3DPipeline:
         seconds["mar_hr"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        report("hr_mesh", 0, 1)
         mesh = self.extract(hr_latents, s)
         seconds["hr_mesh"] = time.perf_counter() - t
         return Result(mesh, lr_mesh, pre.image, pre.method, seconds, lr_latents, hr_latents)
+
+    def preprocess(self, image, settings: Settings | None = None) -> PreprocessResult:
+        """The condition image of `image` as this pipeline makes it (background, crop, size): the
+        app shows it at upload and hands it back to __call__."""
+        s = settings or Settings()
+        if isinstance(image, PreprocessResult):
+            raise TypeError("image is already preprocessed")
+        return preprocess_image(image, s.background, s.foreground_ratio, size=self.image_size)
 
     def sample_lr(self, pixels: torch.Tensor, s: Settings, generator: torch.Generator,
                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

@@ -2,24 +2,26 @@
 
     result = preprocess_image("photo.jpg")  # background="auto", foreground_ratio=0.85, size=224
     result.image    # size×size RGB: object on a plain background, centred, scaled to the ratio
-    result.method   # "alpha" | "rembg" | "fallback" | "none": how the object was separated
+    result.method   # "alpha" | "rembg:<model>" | "fallback" | "none": how the object was separated
 
 Steps: load any image as 8-bit RGBA -> find the object's alpha (existing alpha channel, rembg,
 or a scikit-image fallback) -> crop to the object -> scale so its longer side is
 `foreground_ratio` of the output side -> centre on a square -> composite on `bg_color`.
 
 rembg is used only when its model file is already on disk ($REMBG_HOME/<model>.onnx, default
-~/.u2net/u2net.onnx); it is imported lazily (the import alone takes ~30 s) and never allowed to
-download anything. Without it, `_fallback_alpha` segments by colour distance to the border.
+~/.u2net/isnet-general-use.onnx, written by scripts/fetch_isnet.py; "u2net" and other rembg
+names work the same way); it is imported lazily (the import alone takes ~30 s, so the app calls
+`warm_up_background_removal` in a thread at start-up) and never allowed to download anything.
+Without it, `_fallback_alpha` segments by colour distance to the border.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import numbers
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # Files claiming more pixels than this (10,000×10,000) are refused before decoding: a small file
 # can claim a huge size (a decompression bomb). Pillow's own check (Image.MAX_IMAGE_PIXELS) stays on.
 MAX_IMAGE_PIXELS = 100_000_000
-DEFAULT_REMBG_MODEL = "u2net"
+# ISNet (DIS), fetched from npm by scripts/fetch_isnet.py (docs/BACKGROUND_REMOVAL.md).
+DEFAULT_REMBG_MODEL = "isnet-general-use"
 
 # A pixel belongs to the object when its alpha exceeds this (of 255): ignores near-invisible
 # specks and matting noise, which would otherwise inflate the bounding box.
@@ -60,7 +63,7 @@ class PreprocessResult:
 
     image: Image.Image  # RGB, size×size, object composited on the background colour
     rgba: Image.Image  # the same square crop as RGBA, before compositing (for display)
-    method: str  # "alpha", "rembg", "fallback" or "none"
+    method: str  # "alpha", "rembg:<model>" (e.g. "rembg:isnet-general-use"), "fallback" or "none"
     bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the object in the input, x1/y1 exclusive
 
 
@@ -217,15 +220,28 @@ def rembg_model_path(model: str = DEFAULT_REMBG_MODEL) -> Path:
     return Path(home).expanduser() / f"{model}.onnx"
 
 
-@functools.lru_cache(maxsize=4)
+_REMOVERS: dict = {}  # model path -> remove function (or None when rembg failed on it)
+_REMOVERS_LOCK = threading.Lock()
+
+
 def _rembg_remover(model_path: str):
     """A function PIL RGB -> PIL L mask using rembg, or None if rembg cannot run.
 
-    Cached per model file: the session (and the slow import) is created once. The caller must
-    only pass an existing file, so rembg finds it and never downloads.
+    Built once per model file, under a lock: a request arriving while the start-up warm-up is
+    still importing rembg waits for it and then shares its session (no second import, no
+    second session). The caller must only pass an existing file, so rembg finds it and never
+    downloads.
     """
+    with _REMOVERS_LOCK:
+        if model_path not in _REMOVERS:
+            _REMOVERS[model_path] = _load_rembg(model_path)
+        return _REMOVERS[model_path]
+
+
+def _load_rembg(model_path: str):
     home, fname = os.path.split(model_path)
-    # rembg reads models from $U2NET_HOME/<name>.onnx (its flat layout) when that is set.
+    # rembg (2.0.86) takes an existing $U2NET_HOME/<name>.onnx as is (its legacy flat layout):
+    # no checksum, no download. That is how the file mar3d found is the one rembg loads.
     os.environ["U2NET_HOME"] = home
     try:
         import rembg  # lazy: ~30 s (numba)
@@ -233,13 +249,27 @@ def _rembg_remover(model_path: str):
         session = rembg.new_session(fname[: -len(".onnx")])
     except Exception as e:  # broken install or model file: warn once, use the fallback
         warnings.warn(f"rembg could not load {model_path} ({e}); using the fallback "
-                      "background removal", RuntimeWarning, stacklevel=2)
+                      "background removal", RuntimeWarning, stacklevel=3)
         return None
 
     def remove(rgb: Image.Image) -> Image.Image:
         return rembg.remove(rgb, session=session, only_mask=True)
 
     return remove
+
+
+def warm_up_background_removal(model: str = DEFAULT_REMBG_MODEL) -> str:
+    """Import rembg and build its session now, if the model file is there; returns the method
+    `preprocess_image` will report ("rembg:<model>" or "fallback").
+
+    Meant for a background thread at app start-up (`threading.Thread(target=..., daemon=True)`):
+    the import takes ~30 s, which the first request would otherwise pay. Safe to call from
+    several threads, and with requests already running: everyone shares one session.
+    """
+    path = rembg_model_path(model)
+    if not path.is_file():
+        return "fallback"
+    return f"rembg:{model}" if _rembg_remover(str(path)) is not None else "fallback"
 
 
 def _border_median(rgb: np.ndarray) -> np.ndarray:
@@ -299,7 +329,8 @@ def _fallback_alpha(rgb_image: Image.Image) -> np.ndarray:
 
 
 def _remove_background(rgba: Image.Image, model_path: Path, bg_color) -> tuple[np.ndarray, str]:
-    """Alpha (uint8 H×W) of the object found by rembg if its model exists, else the fallback."""
+    """Alpha (uint8 H×W) of the object found by rembg if its model exists, else the fallback,
+    and the method: "rembg:<model>" or "fallback"."""
     # Segment what a viewer sees: any existing transparency composited on the background.
     rgb = _composite(rgba, bg_color)
     alpha, method = None, "fallback"
@@ -309,7 +340,7 @@ def _remove_background(rgba: Image.Image, model_path: Path, bg_color) -> tuple[n
             mask = remover(rgb).convert("L")
             if mask.size != rgb.size:
                 mask = mask.resize(rgb.size, Image.Resampling.BILINEAR)
-            alpha, method = np.asarray(mask), "rembg"
+            alpha, method = np.asarray(mask), f"rembg:{model_path.stem}"
     if alpha is None:
         alpha = _fallback_alpha(rgb)
     # An existing alpha channel still removes what it made transparent.
@@ -357,8 +388,9 @@ def preprocess_image(source, background: str = "auto", foreground_ratio: float =
     `foreground_ratio` of `size`, and composite it on `bg_color`.
 
     background: "auto" (keep an existing alpha channel, else rembg if its model file exists,
-    else the fallback), "remove" (rembg or fallback even if there is an alpha channel) or
-    "none" (the whole image is the object; its own alpha, if any, is still composited).
+    else the fallback; PreprocessResult.method says which ran), "remove" (rembg or fallback
+    even if there is an alpha channel) or "none" (the whole image is the object; its own
+    alpha, if any, is still composited).
     max_pixels bounds the working resolution; rembg_model names $REMBG_HOME/<model>.onnx.
     Raises ValueError for bad arguments, ImageError for unreadable images or when no object
     is found.
@@ -381,9 +413,8 @@ def preprocess_image(source, background: str = "auto", foreground_ratio: float =
     box = _mask_bbox(mask)
     if box is None:
         why = {"alpha": f"the image is fully transparent (no alpha above {ALPHA_MIN})",
-               "rembg": "rembg found no foreground",
                "fallback": "the image looks like a plain background (nothing differs from "
-                           "the border colour)"}[method]
+                           "the border colour)"}.get(method, f"{method} found no foreground")
         raise ImageError(f"no object found: {why}")
 
     # Scale the crop straight to its final size and paste it centred (same result as padding

@@ -34,6 +34,7 @@ from mar3d.checkpoint import load_model  # noqa: E402
 from mar3d.cli import parse_bool  # noqa: E402
 from mar3d.extract import extract_mesh  # noqa: E402
 from mar3d.geometry import PrepareConfig  # noqa: E402
+from mar3d.image_encoder import ImageEncoderConfig  # noqa: E402
 from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
 from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
 from mar3d.render import Camera, render_views, rotate_to_view  # noqa: E402
@@ -67,6 +68,9 @@ class Recipe:
     recon_steps: int = 0
     recon_batch: int = 32
     recon_lr: float = 1e-3
+    recon_queries: int = 512     # occupancy samples per shape and step of the BCE through the frozen VAE decoder
+    recon_bce_weight: float = 1.0
+    recon_stem: str = "patch"    # the reconstructor ViT's patch embedding: "patch" (linear) or "conv" (conv stack)
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
     mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
@@ -145,8 +149,9 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
             return done(skipped=True)
         cfg = TrainConfig(steps=r.recon_steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
                           val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
-                          threads=threads, vae_dir=str(out), queries=512)
-        last = train("recon", ReconConfig(), cfg, work, out)
+                          threads=threads, vae_dir=str(out), queries=r.recon_queries)
+        encoder = ImageEncoderConfig(kind="readout", stem=r.recon_stem)
+        last = train("recon", ReconConfig(bce_weight=r.recon_bce_weight, encoder=encoder), cfg, work, out)
     else:
         steps = r.mar_lr_steps if task == "mar_lr" else r.mar_hr_steps
         cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_lr, min_lr=r.mar_lr / 10,

@@ -1,6 +1,7 @@
-"""Shared fixtures: paths to the shared real data, and a small synthetic prepared dataset."""
+"""Shared fixtures: paths to the real test data the repository carries, and a small synthetic prepared dataset."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,10 @@ from mar3d.image_encoder import ImageEncoderConfig
 from mar3d.mar import MARConfig
 from mar3d.vae import VAEConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"  # public meshes and images, licences in tests/data/README.md
+ASSETS = REPO / "assets"  # the example images, some of which the tests use too (assets/README.md)
+# No test reads ../shared/data: tests/data/make_test_data.py makes tests/data from it.
 
 # Micro models: seconds to train, same code as the presets.
 MICRO_VAE = VAEConfig(width=32, heads=2, num_points=256, hr_tokens=32, lr_tokens=8, enc_layers=1, dec_layers=1,
@@ -21,20 +25,21 @@ MICRO_MAR = MARConfig(seq_len=8, token_dim=8, width=64, heads=2, enc_layers=1, d
 MICRO_MAR_HR = dataclasses.replace(MICRO_MAR, seq_len=32, lr_seq_len=8)
 
 
-def shared_file(folder: str, name: str) -> Path:
-    """A file of ../shared/data/<folder>; the test is skipped where the shared data is absent."""
-    path = SHARED / folder / name
-    if not path.exists():
-        pytest.skip(f"shared data not found: {path}")
+def _existing(path: Path) -> Path:
+    if not path.is_file():  # part of the repository: missing means broken, never a skip
+        raise FileNotFoundError(f"test data missing from the repository: {path} (tests/data/README.md)")
     return path
 
 
-def shared_mesh(name: str) -> Path:
-    return shared_file("meshes", name)
+def data_mesh(name: str) -> Path:
+    """A mesh of tests/data/meshes."""
+    return _existing(DATA / "meshes" / name)
 
 
-def shared_image(name: str) -> Path:
-    return shared_file("images", name)
+def data_image(name: str) -> Path:
+    """A real image: the copy in assets/ where there is one, else tests/data/images."""
+    asset = ASSETS / name
+    return asset if asset.is_file() else _existing(DATA / "images" / name)
 
 
 def write_synthetic_shape(path: Path, rng: np.random.Generator, n_surface=1024, n_pool=4096) -> None:
@@ -77,16 +82,14 @@ def synthetic_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cascade(tmp_path_factory):
-    """A sphere and a box, each paired with one shared photo, and a micro VAE → MAR-LR → MAR-HR
+    """A sphere and a box, each paired with one real photo, and a micro VAE → MAR-LR → MAR-HR
     cascade trained on them (about a CPU-minute). Returns (root, names): root/cascade holds the
     checkpoint, root/cache the latent cache, root/prepared the shapes."""
     from mar3d.cache import build_cache
     from mar3d.checkpoint import load_model
     from mar3d.train import TrainConfig, train
 
-    pics = [SHARED / "images" / "instantmesh_chair_wood.jpg", SHARED / "images" / "triposr_flamingo.png"]
-    if not all(p.exists() for p in pics):
-        pytest.skip("shared images not found")
+    pics = [data_image("instantmesh_chair_wood.jpg"), data_image("triposr_flamingo.png")]
     root = tmp_path_factory.mktemp("cascade")
     (root / "prepared").mkdir()
     rng = np.random.default_rng(1)
@@ -106,3 +109,19 @@ def tiny_cascade(tmp_path_factory):
     train("mar_lr", MICRO_MAR, mar_cfg, root / "cache", root / "cascade")
     train("mar_hr", MICRO_MAR_HR, mar_cfg, root / "cache", root / "cascade")
     return root, names
+
+
+# Where the user's rembg model lives (mar3d.preprocess.rembg_model_path's rule), read before any
+# fixture hides it: tests of the real ISNet model (scripts/fetch_isnet.py) look there.
+REAL_REMBG_HOME = Path(os.environ.get("REMBG_HOME") or os.path.join("~", ".u2net")).expanduser()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_background_model(tmp_path_factory):
+    """Every test, and every app a test starts, sees an empty REMBG_HOME: "fallback" background
+    removal even on a machine where scripts/fetch_isnet.py installed ISNet. Tests of the real
+    model point REMBG_HOME at REAL_REMBG_HOME themselves."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("REMBG_HOME", str(tmp_path_factory.mktemp("no_rembg_model")))
+    yield
+    patch.undo()

@@ -103,7 +103,8 @@ def test_app_generates_over_the_api(client, tmp_path):
     assert Path(download).suffix == ".obj"
     assert len(trimesh.load(download, force="mesh").faces) == stats["hr_mesh"]["n_faces"] == len(mesh.faces)
     assert set(stats["seconds"]) == {"preprocess", "mar_lr", "lr_mesh", "mar_hr", "hr_mesh"}
-    assert stats["background_method"] == "fallback" and Image.open(processed).size == (32, 32)
+    # the condition image (32² for the micro cascade), shown enlarged ×12 by whole pixels
+    assert stats["background_method"] == "fallback" and Image.open(processed).size == (384, 384)
     # the LR preview comes first (when it has a surface), then the final outputs
     assert len(outputs) == (2 if stats["lr_mesh"] else 1)
     if stats["lr_mesh"]:
@@ -147,7 +148,7 @@ def test_app_on_the_shipped_checkpoint(tmp_path_factory):
         first, stats = mesh(seed=7)
         assert len(first.faces) > 500 and first.is_watertight
         assert np.all(np.abs(first.bounds) <= 1.0)  # the data's box; the extractor drops parts beyond it
-        assert stats["background_method"] in ("rembg", "alpha", "fallback") and stats["lr_mesh"]["n_faces"] > 0
+        assert stats["background_method"] in ("rembg:isnet-general-use", "alpha", "fallback") and stats["lr_mesh"]["n_faces"] > 0
         again, _ = mesh(seed=7)
         other, _ = mesh(seed=8)
     assert np.array_equal(again.vertices, first.vertices) and np.array_equal(again.faces, first.faces)
@@ -211,3 +212,49 @@ def test_stream_pipeline_events_errors_and_abandonment():
     for t in workers:
         t.join(timeout=5)
     assert slow.steps_run < 4
+
+
+def test_progress_moves_through_every_stage_in_order():
+    """The bar never goes back and every stage has its own label (the pipeline's stage order, then export)."""
+    events = [("preprocess", 0, 1), ("lr", 1, 8), ("lr", 8, 8), ("lr_mesh", 0, 1), ("hr", 1, 16), ("hr", 16, 16),
+              ("hr_mesh", 0, 1), ("export", 0, 1)]
+    shown = [app.stage_progress(*e) for e in events]
+    fractions = [f for f, _ in shown]
+    assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] < 1.0
+    assert [label for _, label in shown][4] == "MAR-HR sampling 1/16"
+    assert len({label.split()[0] for _, label in shown}) == 6  # Removing, MAR-LR, LR, MAR-HR, HR, Exporting
+
+
+@pytest.mark.slow
+def test_cut_out_at_upload_is_what_generate_uses(tiny_cascade, monkeypatch, caplog):
+    """The cut-out shown at upload is the image the model gets; Generate reuses it (no second
+    background removal) unless the background settings changed; a bad upload is refused at upload
+    with the message, logged as one line without a traceback."""
+    root, _ = tiny_cascade
+    pipe = MAR3DPipeline.from_pretrained(root / "cascade")
+    shown, cut = app.cut_out(pipe, str(CHAIR), "auto", 0.85)
+    assert cut["pre"].image.size == (pipe.image_size,) * 2 and cut["key"] == (str(CHAIR), "auto", 0.85)
+    k = shown.width // pipe.image_size  # shown enlarged by whole pixels: the model's own pixels
+    assert shown.size == (384, 384) and np.array_equal(np.asarray(shown)[::k, ::k], np.asarray(cut["pre"].image))
+
+    calls = []
+    real = pipe.preprocess
+    monkeypatch.setattr(pipe, "preprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
+    widgets = dict(seed=1, background="auto", foreground_ratio=0.85, lr_steps=4, hr_steps=8, cfg_lr=3.0,
+                   cfg_hr=3.0, temperature=1.0, diffusion_steps=10, cond_aug_t=0.5, resolution="64",
+                   target_faces=0, export_format="glb")
+    for outputs in app.generate(pipe, str(CHAIR), **widgets, cut=cut, progress=lambda *a, **k: None):
+        given = outputs[0]  # the final processed image (its folder goes when the generator ends)
+        if isinstance(given, str):
+            given = np.asarray(Image.open(given))
+    assert calls == []  # the session's cut-out was used
+    assert np.array_equal(given, np.asarray(shown))
+    list(app.generate(pipe, str(CHAIR), **{**widgets, "foreground_ratio": 0.7}, cut=cut,
+                      progress=lambda *a, **k: None))
+    assert len(calls) == 1  # other settings: a fresh cut-out
+
+    with caplog.at_level("INFO", logger="mar3d.app"):
+        with pytest.raises(gr.Error, match="Cannot use this image: no object found"):
+            app.cut_out(pipe, Image.new("RGB", (64, 64), "white"), "auto", 0.85)
+    refused = [r for r in caplog.records if r.name == "mar3d.app"]
+    assert len(refused) == 1 and refused[0].exc_info is None and "no object found" in refused[0].getMessage()

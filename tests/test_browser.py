@@ -1,9 +1,11 @@
 """The web demo in a real browser: Debian's chromium, headless, driven by Playwright.
 
-The app (app.py) is launched on 127.0.0.1 as tests/test_app.py does; the browser uploads a shared
-photo, presses Generate at the page's default settings, waits until the Model3D viewer's canvas
-shows the mesh (pixels other than the background colour; headless chromium draws WebGL with
-SwiftShader), downloads the output file and loads it with trimesh, and saves a screenshot.
+The app (app.py) is launched on 127.0.0.1 as tests/test_app.py does; the browser uploads a photo,
+checks that its cut-out is shown before Generate, presses Generate (MAR-HR at all its steps, so it
+runs long enough to watch), and while MAR-HR runs checks that the Model3D viewer's canvas draws the
+LR preview (pixels other than the background colour; headless chromium draws WebGL with SwiftShader)
+and that the progress label moves through the stages; then it waits for the HR mesh, downloads the
+output file and loads it with trimesh. It saves a screenshot of the preview moment and of the end.
 
 Checkpoint: $MAR3D_BROWSER_CHECKPOINT if set, else the shipped checkpoints/ when all six files are
 there, else the micro cascade of tests/conftest.py. $MAR3D_BROWSER_SCREENSHOT names where the page
@@ -26,10 +28,9 @@ from PIL import Image
 
 import app
 from mar3d.pipeline import MAR3DPipeline
-from tests.conftest import SHARED
-
 REPO = Path(__file__).resolve().parents[1]
-CHAIR = SHARED / "images" / "instantmesh_chair_wood.jpg"
+CHAIR = REPO / "assets" / "instantmesh_chair_wood.jpg"  # a photo without alpha (assets/README.md)
+HR_STEPS = 128
 CHROMIUM = os.environ.get("MAR3D_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 NO_PHONING_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
 TIMEOUT_S = 600  # one generation on a busy 2-core CPU, at the page's default settings
@@ -95,10 +96,17 @@ def block(page, label: str):
     return page.locator(".block").filter(has=page.get_by_text(label, exact=True)).last
 
 
+def progress_text(page) -> str:
+    """The progress label Gradio shows over the panels named in show_progress_on ('' when none)."""
+    texts = page.locator(".progress-level-inner").all_inner_texts()
+    return " ".join(t.strip() for t in texts if t.strip())
+
+
 def test_generate_in_the_browser(app_url, tmp_path):
-    if not CHAIR.exists():
-        pytest.skip(f"shared image not found: {CHAIR}")
-    screenshot = Path(os.environ.get("MAR3D_BROWSER_SCREENSHOT") or tmp_path / "screenshot.png")
+    """Upload → the cut-out is on screen before Generate; while MAR-HR runs the viewer draws the LR
+    preview and the progress label moves through the stages; then the HR mesh and the download."""
+    shots = Path(os.environ.get("MAR3D_BROWSER_SCREENSHOT") or tmp_path / "screenshot.png")
+    preview_shot = shots.with_name(shots.stem + "_preview" + shots.suffix)
     blocked: list[str] = []
 
     def loopback_only(route):
@@ -118,28 +126,52 @@ def test_generate_in_the_browser(app_url, tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.route("**/*", loopback_only)
             page.set_default_timeout(60_000)
-            page.goto(app_url, wait_until="domcontentloaded")
+            # MAR-HR at all its steps (settings ride in the URL): it then runs long enough, on any CPU,
+            # for the preview to be seen before the HR mesh replaces it
+            page.goto(app_url + f"?hr_steps={HR_STEPS}", wait_until="domcontentloaded")
 
             page.locator("input[type=file]").first.set_input_files(str(CHAIR))
             block(page, "Input image").locator("img").first.wait_for()  # the upload is shown
+            # the cut-out appears without pressing Generate, at a readable size
+            cutout = block(page, "Processed image (what the model sees)").locator("img").first
+            cutout.wait_for(timeout=120_000)
+            drawn_size = cutout.evaluate("img => Math.min(img.naturalWidth, img.clientWidth, img.clientHeight)")
+            assert drawn_size >= 200, f"the cut-out is drawn {drawn_size} px wide"
+
+            canvas = block(page, "Mesh (LR preview, then HR)").locator("canvas").first
+            link = block(page, "Download").locator("a[download]").first
             t0 = time.perf_counter()
             page.get_by_role("button", name="Generate", exact=True).click()
 
-            # the final outputs: a download link, and the viewer's canvas drawing the mesh
-            link = block(page, "Download").locator("a[download]").first
-            link.wait_for(timeout=TIMEOUT_S * 1000)
-            canvas = block(page, "Mesh (LR preview, then HR)").locator("canvas").first
-            canvas.wait_for()
-            drawn, deadline = 0, time.monotonic() + 300  # the viewer loads Babylon.js lazily: slow on a busy CPU
+            # while the run is on (no download link yet): progress labels, and the LR preview drawn
+            labels, preview_drawn, t_preview = [], 0, None
+            deadline = time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline and link.count() == 0:
+                text = progress_text(page)
+                if text and (not labels or labels[-1] != text):
+                    labels.append(text)
+                if canvas.count() and t_preview is None:
+                    drawn = drawn_pixels(canvas.screenshot())
+                    if drawn > 500 and link.count() == 0:
+                        preview_drawn, t_preview = drawn, time.perf_counter() - t0
+                        page.screenshot(path=str(preview_shot), full_page=True)
+                page.wait_for_timeout(200)
+            link.wait_for(timeout=60_000)
+            t_final = time.perf_counter() - t0
+            print(f"\nbrowser: preview drawn at {t_preview} s ({preview_drawn} px), final at {t_final:.1f} s; "
+                  f"progress labels {labels}; refused hosts {sorted(set(blocked))}")
+            assert t_preview is not None, f"the LR preview was never seen before the HR mesh came ({preview_shot})"
+            assert any("MAR-HR" in t for t in labels), labels
+            assert len({t.split()[0] for t in labels}) >= 2, f"progress never moved between stages: {labels}"
+
+            drawn, deadline = 0, time.monotonic() + 120
             while time.monotonic() < deadline:
                 drawn = drawn_pixels(canvas.screenshot())
                 if drawn > 500:
                     break
-                page.wait_for_timeout(1000)
-            print(f"\nbrowser: generation {time.perf_counter() - t0:.1f} s; canvas pixels drawn {drawn}; "
-                  f"refused hosts {sorted(set(blocked))}")
-            page.screenshot(path=str(screenshot), full_page=True)
-            assert drawn > 500, f"the viewer canvas shows no mesh (screenshot: {screenshot})"
+                page.wait_for_timeout(500)
+            page.screenshot(path=str(shots), full_page=True)
+            assert drawn > 500, f"the viewer canvas shows no mesh (screenshot: {shots})"
 
             with page.expect_download() as info:
                 link.click()

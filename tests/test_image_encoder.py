@@ -202,3 +202,23 @@ def test_missing_path_fails_fast_without_hub(tmp_path):
     assert imported == "False"  # transformers (and so the hub client) never loaded
     assert missing in message and "config.json" in message
     assert wall < 30  # whole subprocess including python + torch start-up on a busy machine
+
+
+def test_conv_stem_gives_the_patch_grid_and_learns():
+    """stem="conv": 3x3 stride-2 convolutions down to the patch grid (CLS + 8x8 tokens at 128 px / 16),
+    trainable end to end; a patch size that is not a power of two is refused."""
+    from mar3d.image_encoder import ImageEncoder, ImageEncoderConfig
+
+    torch.manual_seed(0)
+    enc = ImageEncoder(ImageEncoderConfig(kind="readout", stem="conv", width=32, layers=1, heads=2,
+                                          readout_lr=4, readout_hr=8, readout_layers=1))
+    images = torch.rand(2, 3, 128, 128)
+    assert enc.vit(images).last_hidden_state.shape == (2, 65, 32)
+    out = enc(images)
+    assert out.shape == (2, 12, 32)
+    out.pow(2).mean().backward()
+    assert enc.vit.stem[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="power-of-two"):
+        ImageEncoder(ImageEncoderConfig(kind="readout", stem="conv", image_size=120, patch_size=12))
+    with pytest.raises(ValueError, match="unknown stem"):
+        ImageEncoder(ImageEncoderConfig(kind="readout", stem="pixels"))

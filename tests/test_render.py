@@ -4,7 +4,6 @@ colours and determinism, on analytic shapes and a real mesh."""
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +13,14 @@ from scipy import ndimage
 from mar3d.geometry import load_mesh, normalize_mesh
 from mar3d.render import (Camera, bounding_radius, corner_normals, fit_distance, random_camera, render,
                           render_views, rotate_mesh_to_view, rotate_to_view)
+from tests.conftest import data_mesh
 
-MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes"
 FIXED = dict(color=(0.6, 0.5, 0.4), light_dir=(0.3, 0.6, 0.75), ambient=0.3, specular=0.0)
 
 
 @pytest.fixture(scope="module")
 def spot():
-    path = MESHES / "spot.obj"
-    if not path.exists():
-        pytest.skip(f"shared mesh not found: {path}")
-    mesh, _, _ = normalize_mesh(load_mesh(path))
+    mesh, _, _ = normalize_mesh(load_mesh(data_mesh("spot.obj")))
     return mesh
 
 

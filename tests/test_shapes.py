@@ -13,17 +13,10 @@ import trimesh
 from mar3d import shapes
 from mar3d.geometry import PrepareConfig, load_mesh, normalize_mesh, prepare_shape
 from mar3d.shapes import FAMILIES, build_dataset, make_shape, real_variant, shape_seed
+from tests.conftest import data_mesh as real_mesh
 
 REPO = Path(__file__).resolve().parents[1]
-MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes"
 REQUIRED = {"chair", "table", "stool", "sofa", "shelf", "mug", "vase_bottle", "lamp", "car", "aircraft", "animal"}
-
-
-def real_mesh(name: str) -> Path:
-    path = MESHES / name
-    if not path.exists():
-        pytest.skip(f"shared mesh data not available: {path}")
-    return path
 
 
 def test_families_registered():
@@ -147,14 +140,14 @@ def test_real_variant_turns_z_up_scans_upright():
 def test_build_dataset(tmp_path):
     real_dir = tmp_path / "real"
     real_dir.mkdir()
-    for name in ("torus.obj", "suzanne.obj"):  # one closed, one open mesh
+    for name in ("torus.obj", "penguin_parts.obj"):  # one closed, one open mesh
         shutil.copy(real_mesh(name), real_dir / name)
     out = tmp_path / "shapes"
     count = 2 * len(FAMILIES)
     report = build_dataset(out, count, seed=0, real_dir=real_dir, real_variants=2)
 
     expected = {f"{f}_{i:05d}.ply" for f in FAMILIES for i in range(2)}
-    expected |= {f"real__{stem}@{k:02d}.ply" for stem in ("torus", "suzanne") for k in range(2)}
+    expected |= {f"real__{stem}@{k:02d}.ply" for stem in ("torus", "penguin_parts") for k in range(2)}
     assert {p.name for p in out.glob("*.ply")} == expected
     assert report["counts"] == {**{f: 2 for f in FAMILIES}, "real": 4}
     assert report["written"] == len(expected) and report["failures"] == [] and report["total"] == len(expected)
@@ -176,7 +169,7 @@ def test_build_dataset(tmp_path):
     # every file loads; procedural ones stay watertight through load_mesh's clean-up
     for path in sorted(out.glob("*.ply")):
         mesh = load_mesh(path)
-        if not path.name.startswith("real__suzanne"):
+        if not path.name.startswith("real__penguin_parts"):
             assert mesh.is_watertight, path.name
 
     # occupancy labels of prepared shapes agree with the volume
