@@ -244,9 +244,14 @@ def _load_rembg(model_path: str):
     # no checksum, no download. That is how the file mar3d found is the one rembg loads.
     os.environ["U2NET_HOME"] = home
     try:
+        import onnxruntime
         import rembg  # lazy: ~30 s (numba)
 
-        session = rembg.new_session(fname[: -len(".onnx")])
+        # No memory arena: onnxruntime otherwise keeps its peak 1024² activations for the process's
+        # life (app peak RSS 3.07 → 2.3 GiB measured; same speed: bench/bench_app.py, README).
+        options = onnxruntime.SessionOptions()
+        options.enable_cpu_mem_arena = False
+        session = rembg.new_session(fname[: -len(".onnx")], sess_opts=options)
     except Exception as e:  # broken install or model file: warn once, use the fallback
         warnings.warn(f"rembg could not load {model_path} ({e}); using the fallback "
                       "background removal", RuntimeWarning, stacklevel=3)
