@@ -56,9 +56,10 @@ RESOLUTIONS = ["64", "128", "256"]
 BACKGROUND_LABELS = {"auto": "auto (keep alpha, else remove)", "remove": "remove", "none": "none (keep as is)"}
 # The processed image is shown at least this many pixels wide (app.enlarged).
 DISPLAY_SIDE = 384
-# The viewer's background (RGBA in 0..1): a light grey under the mid-grey mesh (mar3d.mesh_io), so the
-# shape reads against it and against the white page.
-VIEWER_BACKGROUND = (0.86, 0.88, 0.91, 1.0)
+# The viewer's background (RGBA in 0..1): a mid slate. Gradio's viewer lights the mid-grey mesh
+# (mar3d.mesh_io) so that it comes out pale; on Gradio's light default (and on 0.88 grey) it barely
+# stood out from the white page.
+VIEWER_BACKGROUND = (0.36, 0.39, 0.45, 1.0)
 DOMAIN_NOTE = ("**What the shipped model knows:** procedural shapes of 15 families (chairs, tables, stools, "
                "sofas, shelves, mugs, vases and bottles, lamps, cars, aircraft, animals, beds, benches, rockets, "
                "towers) and a few real meshes, rendered on plain backgrounds (checkpoints/README.md). Photos of "

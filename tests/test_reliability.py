@@ -237,10 +237,11 @@ def test_bad_uploads_through_the_api(served, bad_inputs):
                 generate(served.client, path)
         else:
             processed, glb, _, stats = generate(served.client, path, seed=3)
-            assert stats["hr_mesh"]["n_faces"] > 0 and Image.open(processed).size == (32, 32), name
+            assert stats["hr_mesh"]["n_faces"] > 0 and Image.open(processed).size == (384, 384), name  # 32² enlarged ×12 (app.enlarged)
             if name == "animated":  # the first frame is the picture
                 first = preprocess_image(Image.open(path).convert("RGB"), size=32).image
-                assert np.array_equal(np.asarray(Image.open(processed).convert("RGB")), np.asarray(first))
+                shown = np.asarray(Image.open(processed).convert("RGB"))[::12, ::12]  # its pixels, enlarged ×12
+                assert np.array_equal(shown, np.asarray(first))
             if name == "huge":  # downsized, the object found where it is
                 assert stats["background_method"] == "fallback"
     with pytest.raises(AppError, match="Upload an image first"):
