@@ -162,20 +162,24 @@ def enlarged(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
 
 
+def cut_key(image, background, foreground_ratio) -> tuple:
+    """What a cut-out depends on: Generate reuses the session's cut-out only when this is unchanged."""
+    return str(image), background, float(foreground_ratio)
+
+
 def cut_out(pipe: MAR3DPipeline, image, background, foreground_ratio):
     """At upload (and when the background mode or ratio changes): the condition image the model will
     see, shown at once, and kept in the session's state for Generate. Returns (image for the
     "Processed image" panel, state)."""
     if image is None:
         return None, None
-    key = (str(image), background, float(foreground_ratio))
     try:
         pre = pipe.preprocess(image, Settings(background=background, foreground_ratio=float(foreground_ratio)))
     except ImageError as e:
         raise UserError(f"Cannot use this image: {e}") from None
     except ValueError as e:
         raise UserError(f"Invalid settings: {e}") from None
-    return enlarged(pre.image), {"key": key, "pre": pre}
+    return enlarged(pre.image), {"key": cut_key(image, background, foreground_ratio), "pre": pre}
 
 
 def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
@@ -193,7 +197,7 @@ def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_
     except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
         raise UserError(f"Invalid settings: {e}") from None
     source = image
-    if cut and cut.get("key") == (str(image), background, float(foreground_ratio)):
+    if cut and cut.get("key") == cut_key(image, background, foreground_ratio):
         source = cut["pre"]
     # One folder per request; Gradio copies what we return into its own cache (cleaned by
     # DELETE_CACHE), so the folder goes as soon as the request ends.

@@ -149,8 +149,8 @@ def readout_slice(cfg: ImageEncoderConfig) -> slice:
 class ConvStemViT(nn.Module):
     """A small ViT whose patch embedding is a stack of 3x3 stride-2 convolutions (Xiao et al. 2021,
     "Early convolutions help transformers see better"): log2(patch_size) of them, widths doubling up
-    to `width`, so the token grid is the patch grid. pixel_values (B, 3, S, S) → an object with
-    .last_hidden_state (B, 1 + (S / patch)², width): CLS first, as DINOv2's."""
+    to `width`, so the token grid is the patch grid. pixel_values (B, 3, S, S) → tokens
+    (B, 1 + (S / patch)², width): CLS first, as DINOv2's last_hidden_state."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
@@ -177,12 +177,7 @@ class ConvStemViT(nn.Module):
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
         for block in self.blocks:
             x = block(x)
-        return _Hidden(self.norm(x))
-
-
-class _Hidden:
-    def __init__(self, last_hidden_state: Tensor):
-        self.last_hidden_state = last_hidden_state
+        return self.norm(x)
 
 
 class ImageEncoder(nn.Module):
@@ -308,7 +303,9 @@ class ImageEncoder(nn.Module):
         x = self._resize(images.to(self.mean.dtype))  # (B, 3, S, S), in the module's dtype
         if self.external:
             return self._pretrained_tokens(x)
-        tokens = self.vit(pixel_values=(x - self.mean) / self.std).last_hidden_state  # (B, 65, D)
+        tokens = self.vit(pixel_values=(x - self.mean) / self.std)  # (B, 65, D)
+        if not isinstance(tokens, Tensor):  # DINOv2's output object
+            tokens = tokens.last_hidden_state
         if self.cfg.kind == "tiny":
             return tokens
         return self.read_out(tokens)[:, self.select]  # (B, num_tokens, D)

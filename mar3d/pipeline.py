@@ -80,7 +80,6 @@ class Result:
 # (stage, step, total). Stages in order: "preprocess", "lr" (MAR-LR steps), "lr_mesh", "hr" (MAR-HR
 # steps), "hr_mesh"; the stages without steps report (stage, 0, 1) when they start.
 Progress = Callable[[str, int, int], None]
-STAGES = ("preprocess", "lr", "lr_mesh", "hr", "hr_mesh")
 
 # The LR preview is a coarse shape (the LR token set), so it is extracted on a coarser grid: at
 # 64³ it shows in well under a second where 128³ took ~3.7 s on a 2-core CPU (bench/bench_app.py).

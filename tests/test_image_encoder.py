@@ -213,7 +213,7 @@ def test_conv_stem_gives_the_patch_grid_and_learns():
     enc = ImageEncoder(ImageEncoderConfig(kind="readout", stem="conv", width=32, layers=1, heads=2,
                                           readout_lr=4, readout_hr=8, readout_layers=1))
     images = torch.rand(2, 3, 128, 128)
-    assert enc.vit(images).last_hidden_state.shape == (2, 65, 32)
+    assert enc.vit(images).shape == (2, 65, 32)
     out = enc(images)
     assert out.shape == (2, 12, 32)
     out.pow(2).mean().backward()
