@@ -113,6 +113,8 @@ def with_checked_value(widget: gr.components.Component, name: str) -> gr.compone
     if isinstance(widget, (gr.Radio, gr.Dropdown)):
         choices = [value for _, value in widget.choices]
         valid, expected = (lambda v: v in choices), f"one of {choices}"
+    elif isinstance(widget, gr.Checkbox):
+        valid, expected = (lambda v: isinstance(v, bool)), "true or false"
     else:
         lo, hi = widget.minimum, widget.maximum
         valid = lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
@@ -134,9 +136,10 @@ def with_checked_value(widget: gr.components.Component, name: str) -> gr.compone
 # What the progress bar says at each stage, and where each stage starts on the bar (a rough share of
 # a default run's time on a 2-core CPU, bench/bench_app.py): the bar moves through every stage.
 STAGE_LABELS = {"preprocess": "Removing background", "lr": "MAR-LR sampling", "lr_mesh": "LR preview mesh",
-                "hr": "MAR-HR sampling", "hr_mesh": "HR mesh extraction", "export": "Exporting"}
+                "hr": "MAR-HR sampling", "hr_mesh": "HR mesh extraction", "colour": "Colouring from the picture",
+                "export": "Exporting"}
 STAGE_SPAN = {"preprocess": (0.0, 0.03), "lr": (0.03, 0.2), "lr_mesh": (0.2, 0.25), "hr": (0.25, 0.7),
-              "hr_mesh": (0.7, 0.95), "export": (0.95, 1.0)}
+              "hr_mesh": (0.7, 0.92), "colour": (0.92, 0.96), "export": (0.96, 1.0)}
 
 
 def stage_progress(stage: str, step: int, total: int) -> tuple[float, str]:
@@ -147,12 +150,12 @@ def stage_progress(stage: str, step: int, total: int) -> tuple[float, str]:
 
 
 def settings_of(seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr, temperature,
-                diffusion_steps, cond_aug_t, resolution, target_faces) -> Settings:
+                diffusion_steps, cond_aug_t, resolution, target_faces, colour) -> Settings:
     return Settings(seed=int(seed), background=background, foreground_ratio=float(foreground_ratio),
                     lr_steps=int(lr_steps), hr_steps=int(hr_steps), cfg_lr=float(cfg_lr), cfg_hr=float(cfg_hr),
                     temperature=float(temperature), diffusion_steps=int(diffusion_steps),
                     cond_aug_t=float(cond_aug_t), resolution=int(resolution),
-                    target_faces=int(target_faces), lr_mesh=True)
+                    target_faces=int(target_faces), colour=colour, lr_mesh=True)
 
 
 def enlarged(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
@@ -183,7 +186,7 @@ def cut_out(pipe: MAR3DPipeline, image, background, foreground_ratio):
 
 
 def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
-             temperature, diffusion_steps, cond_aug_t, resolution, target_faces, export_format, cut=None,
+             temperature, diffusion_steps, cond_aug_t, resolution, target_faces, colour, export_format, cut=None,
              progress=gr.Progress()):
     """Widget values → pipeline call. Yields (processed image, viewer GLB, download, stats) twice:
     the LR preview as soon as it exists, then the HR mesh. `cut` is the session's cut-out (cut_out):
@@ -192,7 +195,7 @@ def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_
         raise UserError("Upload an image first (or pick an example).")
     try:
         settings = settings_of(seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
-                               temperature, diffusion_steps, cond_aug_t, resolution, target_faces)
+                               temperature, diffusion_steps, cond_aug_t, resolution, target_faces, colour)
         settings.check()
     except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
         raise UserError(f"Invalid settings: {e}") from None
@@ -246,6 +249,10 @@ def stats(result, settings: Settings) -> dict:
         "total_seconds": round(sum(result.seconds.values()), 3),
         "hr_mesh": mesh_stats(result.mesh),
         "lr_mesh": mesh_stats(result.lr_mesh) if result.lr_mesh is not None else None,
+        # the recovered input-view camera the colours were painted from (None: colour off)
+        "view": None if result.view is None else {"elevation_deg": round(result.view.camera.elevation_deg, 1),
+                                                  "fov_deg": round(result.view.camera.fov_deg, 1),
+                                                  "silhouette_iou": round(result.view.iou, 3)},
     }
 
 
@@ -271,6 +278,8 @@ def value_from_query(widget: gr.components.Component, text: str):
     """The value a query parameter stands for on `widget`, clamped to its range; gr.skip() if none."""
     if isinstance(widget, (gr.Radio, gr.Dropdown)):
         return next((value for _, value in widget.choices if str(value) == text), gr.skip())
+    if isinstance(widget, gr.Checkbox):
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.lower(), gr.skip())
     try:
         number = float(text)
     except ValueError:
@@ -337,6 +346,8 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
                 lr_steps = gr.Slider(1, lr_len, min(d.lr_steps, lr_len), step=1, precision=0, label="MAR-LR steps")
                 hr_steps = gr.Slider(1, hr_len, min(d.hr_steps, hr_len), step=1, precision=0, label="MAR-HR steps")
                 resolution = gr.Dropdown(RESOLUTIONS, value=str(d.resolution), label="Marching-cubes resolution")
+                colour = gr.Checkbox(d.colour, label="Colour from the picture",
+                                     info="paints the mesh with the photo's colours (STL has none)")
                 export_format = gr.Dropdown([(f.upper(), f) for f in FORMATS], value="glb", label="Download format")
                 with gr.Accordion("Advanced", open=False):
                     cfg_lr = gr.Slider(1.0, 10.0, d.cfg_lr, step=0.1, label="CFG scale, MAR-LR", info="1 = no guidance")
@@ -366,7 +377,7 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
         widgets = dict(seed=seed, background=background, foreground_ratio=foreground_ratio, lr_steps=lr_steps,
                        hr_steps=hr_steps, cfg_lr=cfg_lr, cfg_hr=cfg_hr, temperature=temperature,
                        diffusion_steps=diffusion_steps, cond_aug_t=cond_aug_t, resolution=resolution,
-                       target_faces=target_faces, export_format=export_format)
+                       target_faces=target_faces, colour=colour, export_format=export_format)
         for key, widget in widgets.items():
             with_checked_value(widget, key)
 

@@ -59,7 +59,7 @@ def page_defaults(pipe: MAR3DPipeline) -> dict:
     return dict(seed=d.seed, background=d.background, foreground_ratio=d.foreground_ratio,
                 lr_steps=min(d.lr_steps, pipe.mar_lr.cfg.seq_len), hr_steps=min(d.hr_steps, pipe.mar_hr.cfg.seq_len),
                 cfg_lr=d.cfg_lr, cfg_hr=d.cfg_hr, temperature=d.temperature, diffusion_steps=d.diffusion_steps,
-                cond_aug_t=d.cond_aug_t, resolution=str(d.resolution), target_faces=d.target_faces,
+                cond_aug_t=d.cond_aug_t, resolution=str(d.resolution), target_faces=d.target_faces, colour=d.colour,
                 export_format="glb")
 
 
@@ -122,13 +122,13 @@ def main() -> None:
           f"method that ran: {runs[0]['stats']['background_method']}")
     print("settings (the page's defaults): " + ", ".join(f"{k}={v}" for k, v in widgets.items()))
     print("path: app.generate -> stream_pipeline -> MAR3DPipeline (on_lr_mesh preview), GLB export; no HTTP\n")
-    print("| run | cut-out s | preview s | final s | preprocess | MAR-LR | LR mesh | MAR-HR | HR mesh | HR faces |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | cut-out s | preview s | final s | preprocess | MAR-LR | LR mesh | MAR-HR | HR mesh | colour | HR faces |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(runs, 1):
         s = r["stats"]["seconds"]
         preview = f"{r['preview_s']:.2f}" if r["preview_s"] is not None else "none (empty LR mesh)"
         print(f"| {i} | {r['cutout_s']:.2f} | {preview} | {r['final_s']:.2f} | {s['preprocess']:.2f} | {s['mar_lr']:.2f} | "
-              f"{s.get('lr_mesh', 0):.2f} | {s['mar_hr']:.2f} | {s['hr_mesh']:.2f} | "
+              f"{s.get('lr_mesh', 0):.2f} | {s['mar_hr']:.2f} | {s['hr_mesh']:.2f} | {s.get('colour', 0):.2f} | "
               f"{r['stats']['hr_mesh']['n_faces']:,} |")
     previews = [r["preview_s"] for r in runs if r["preview_s"] is not None]
     summary = {"cutout_s": statistics.median(r["cutout_s"] for r in runs), "preview_s": statistics.median(previews) if previews else None,

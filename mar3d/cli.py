@@ -9,11 +9,15 @@ def parse_bool(text: str) -> bool:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One `--field-name` flag per field of the dataclass `cls`, typed and defaulted from it."""
+    """One `--field-name` flag per field of the dataclass `cls`, typed and defaulted from it.
+    A bool field takes `--name`, `--name BOOL` or `--no-name`."""
     for f in dataclasses.fields(cls):
-        kind = parse_bool if f.type is bool else type(f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                            metavar="BOOL" if f.type is bool else None)
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=f.default, metavar="BOOL")
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):

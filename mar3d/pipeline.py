@@ -5,8 +5,10 @@
     result.mesh.export("shape.glb")
 
 image → preprocess → MAR-LR → (LR mesh, a preview) → MAR-HR → HR tokens → VAE decoder → mesh
+      → colour from the picture (mar3d.colour; the LR preview stays grey)
 """
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -21,6 +23,7 @@ import trimesh
 from PIL import Image
 
 from .checkpoint import load_model, save_model
+from .colour import ViewFit, colour_mesh
 from .extract import ExtractionError, extract_mesh
 from .preprocess import BACKGROUND_MODES, PreprocessResult, preprocess_image
 
@@ -41,6 +44,7 @@ class Settings:
     cond_aug_t: float = 0.5         # MAR-HR's noise level on its LR-token condition
     resolution: int = 128           # marching-cubes cells per axis
     target_faces: int = 0           # 0 = keep all faces
+    colour: bool = True             # paint the HR mesh's vertices from the picture (mar3d.colour)
     lr_mesh: bool = True            # also extract the LR mesh (the preview)
 
     def check(self) -> None:
@@ -56,6 +60,9 @@ class Settings:
             v = getattr(self, name)
             if not is_int(v) or v < lo or (hi is not None and v > hi):
                 bad(name, f"an integer from {lo}" + (f" to {hi}" if hi is not None else " up"))
+        for name in ("colour", "lr_mesh"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
         if self.background not in BACKGROUND_MODES:
             bad("background", f"one of {BACKGROUND_MODES}")
         for name, lo, hi in (("foreground_ratio", 0.1, 1.0), ("cfg_lr", 0.0, None), ("cfg_hr", 0.0, None),
@@ -75,10 +82,11 @@ class Result:
     seconds: dict                      # per stage
     lr_tokens: torch.Tensor            # (1, L_lr, C) VAE latents
     hr_tokens: torch.Tensor            # (1, L_hr, C) VAE latents
+    view: ViewFit | None = None        # the input view's recovered camera (when coloured)
 
 
 # (stage, step, total). Stages in order: "preprocess", "lr" (MAR-LR steps), "lr_mesh", "hr" (MAR-HR
-# steps), "hr_mesh"; the stages without steps report (stage, 0, 1) when they start.
+# steps), "hr_mesh", "colour"; the stages without steps report (stage, 0, 1) when they start.
 Progress = Callable[[str, int, int], None]
 
 # The LR preview is a coarse shape (the LR token set), so it is extracted on a coarser grid: at
@@ -86,9 +94,29 @@ Progress = Callable[[str, int, int], None]
 PREVIEW_RESOLUTION = 64
 
 
+# MAR sampling runs many small steps (a few dozen tokens × a narrow transformer and MLP): on the CPU
+# one torch thread does them faster than two, whose synchronisation costs more than they share.
+# Measured with bench/bench_app.py on a 2-core AMD EPYC: MAR-HR 4.5 s on 2 threads, 2.0 s on 1.
+# Mesh extraction (large batched decoder queries) keeps torch's own thread count.
+SAMPLING_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch intra-op threads (None: unchanged), then restore the count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class MAR3DPipeline:
     def __init__(self, vae, mar_lr, mar_hr, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        self.sampling_threads = SAMPLING_THREADS if self.device.type == "cpu" else None
         self.vae, self.mar_lr, self.mar_hr = (m.to(self.device).eval() for m in (vae, mar_lr, mar_hr))
 
     @classmethod
@@ -147,7 +175,14 @@ class MAR3DPipeline:
         report("hr_mesh", 0, 1)
         mesh = self.extract(hr_latents, s)
         seconds["hr_mesh"] = time.perf_counter() - t
-        return Result(mesh, lr_mesh, pre.image, pre.method, seconds, lr_latents, hr_latents)
+
+        view = None
+        if s.colour:
+            t = time.perf_counter()
+            report("colour", 0, 1)
+            mesh, view = colour_mesh(mesh, pre.rgba)
+            seconds["colour"] = time.perf_counter() - t
+        return Result(mesh, lr_mesh, pre.image, pre.method, seconds, lr_latents, hr_latents, view)
 
     def preprocess(self, image, settings: Settings | None = None) -> PreprocessResult:
         """The condition image of `image` as this pipeline makes it (background, crop, size): the
@@ -160,16 +195,18 @@ class MAR3DPipeline:
     def sample_lr(self, pixels: torch.Tensor, s: Settings, generator: torch.Generator,
                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """MAR-LR: VAE latents (B, L_lr, C) for condition images (B, 3, H, W) in [0, 1]."""
-        lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
-                                diffusion_steps=s.diffusion_steps, generator=generator, progress=progress)
+        with torch_threads(self.sampling_threads):
+            lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
+                                    diffusion_steps=s.diffusion_steps, generator=generator, progress=progress)
         return self.mar_lr.denormalize(lr)
 
     def sample_hr(self, pixels: torch.Tensor, lr_latents: torch.Tensor, s: Settings, generator: torch.Generator,
                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """MAR-HR: VAE latents (B, L_hr, C) for condition images and their LR latents (B, L_lr, C)."""
-        hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
-                                temperature=s.temperature, diffusion_steps=s.diffusion_steps,
-                                cond_aug_t=s.cond_aug_t, generator=generator, progress=progress)
+        with torch_threads(self.sampling_threads):
+            hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
+                                    temperature=s.temperature, diffusion_steps=s.diffusion_steps,
+                                    cond_aug_t=s.cond_aug_t, generator=generator, progress=progress)
         return self.mar_hr.denormalize(hr)
 
     def extract(self, latents: torch.Tensor, s: Settings, resolution: int | None = None) -> trimesh.Trimesh:

@@ -205,7 +205,7 @@ def render(mesh: trimesh.Trimesh, camera: Camera, rng: np.random.Generator | Non
     the covered sub-pixels (0 where nothing is hit). Faces seen from behind are shaded with their
     normal flipped towards the camera, so open meshes look sane.
 
-    color: RGB in [0, 1] (default: `random_color`); light_dir: direction towards the light in
+    color: RGB in [0, 1] (default: `random_color`), or one RGB per face (F, 3); light_dir: direction towards the light in
     the camera frame (default: `random_light`); ambient in [0, 1] (default uniform 0.2–0.4);
     specular strength (default uniform 0–0.2). Defaults are drawn from `rng` (a fresh generator
     if None). `normals`: precomputed `corner_normals(mesh)`, to reuse across views.
@@ -264,6 +264,8 @@ def render(mesh: trimesh.Trimesh, camera: Camera, rng: np.random.Generator | Non
         diffuse = np.clip(nrm @ light, 0.0, None)
         highlight = specular * np.clip(np.einsum("ij,ij->i", nrm, half), 0.0, None) ** 32 * (diffuse > 0)
         base = np.clip(color, 0.0, 1.0) ** GAMMA       # linear-light albedo
+        if base.ndim == 2:                             # per-face colours
+            base = base[tri_h]
         lin = base * (ambient + (1.0 - ambient) * diffuse)[:, None] + highlight[:, None]
         rgb[hit] = np.clip(lin, 0.0, 1.0) ** (1.0 / GAMMA)
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 import app
 from mar3d.app_state import stream_pipeline
+from mar3d.mesh_io import glb_colours_to_srgb, vertex_colours
 from mar3d.pipeline import MAR3DPipeline
 
 CHAIR = Path(app.__file__).parent / "assets" / "instantmesh_chair_wood.jpg"  # the shared photo's copy (assets/README.md)
@@ -98,11 +99,19 @@ def generate(client, image, **settings):
 @pytest.mark.slow
 def test_app_generates_over_the_api(client, tmp_path):
     (processed, glb, download, stats), outputs = generate(client, CHAIR, seed=1, export_format="obj")
-    mesh = trimesh.load(glb, force="mesh")
+    mesh = trimesh.load(glb, force="mesh", skip_materials=True)
     assert len(mesh.faces) > 0 and np.all(np.abs(mesh.bounds) <= 1.05)
     assert Path(download).suffix == ".obj"
-    assert len(trimesh.load(download, force="mesh").faces) == stats["hr_mesh"]["n_faces"] == len(mesh.faces)
-    assert set(stats["seconds"]) == {"preprocess", "mar_lr", "lr_mesh", "mar_hr", "hr_mesh"}
+    obj = trimesh.load(download, force="mesh")
+    assert len(obj.faces) == stats["hr_mesh"]["n_faces"] == len(mesh.faces)
+    assert set(stats["seconds"]) == {"preprocess", "mar_lr", "lr_mesh", "mar_hr", "hr_mesh", "colour"}
+    # coloured from the picture (on by default): the GLB's COLOR_0 and the OBJ's colours agree
+    glb_colours, obj_colours = vertex_colours(mesh), vertex_colours(obj)
+    assert glb_colours is not None and obj_colours is not None and stats["view"]["silhouette_iou"] > 0
+    assert np.allclose(glb_colours_to_srgb(glb_colours)[:, :3].mean(0), obj_colours[:, :3].mean(0), atol=2.0)
+    (_, grey, _, grey_stats), _ = generate(client, CHAIR, seed=1, colour=False)
+    assert vertex_colours(trimesh.load(grey, force="mesh", skip_materials=True)) is None
+    assert grey_stats["view"] is None and "colour" not in grey_stats["seconds"]
     # the condition image (32² for the micro cascade), shown enlarged ×12 by whole pixels
     assert stats["background_method"] == "fallback" and Image.open(processed).size == (384, 384)
     # the LR preview comes first (when it has a surface), then the final outputs
@@ -217,12 +226,13 @@ def test_stream_pipeline_events_errors_and_abandonment():
 def test_progress_moves_through_every_stage_in_order():
     """The bar never goes back and every stage has its own label (the pipeline's stage order, then export)."""
     events = [("preprocess", 0, 1), ("lr", 1, 8), ("lr", 8, 8), ("lr_mesh", 0, 1), ("hr", 1, 16), ("hr", 16, 16),
-              ("hr_mesh", 0, 1), ("export", 0, 1)]
+              ("hr_mesh", 0, 1), ("colour", 0, 1), ("export", 0, 1)]
     shown = [app.stage_progress(*e) for e in events]
     fractions = [f for f, _ in shown]
     assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] < 1.0
     assert [label for _, label in shown][4] == "MAR-HR sampling 1/16"
-    assert len({label.split()[0] for _, label in shown}) == 6  # Removing, MAR-LR, LR, MAR-HR, HR, Exporting
+    # Removing, MAR-LR, LR, MAR-HR, HR, Colouring, Exporting
+    assert len({label.split()[0] for _, label in shown}) == 7
 
 
 @pytest.mark.slow
@@ -242,7 +252,7 @@ def test_cut_out_at_upload_is_what_generate_uses(tiny_cascade, monkeypatch, capl
     monkeypatch.setattr(pipe, "preprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
     widgets = dict(seed=1, background="auto", foreground_ratio=0.85, lr_steps=4, hr_steps=8, cfg_lr=3.0,
                    cfg_hr=3.0, temperature=1.0, diffusion_steps=10, cond_aug_t=0.5, resolution="64",
-                   target_faces=0, export_format="glb")
+                   target_faces=0, colour=True, export_format="glb")
     for outputs in app.generate(pipe, str(CHAIR), **widgets, cut=cut, progress=lambda *a, **k: None):
         given = outputs[0]  # the final processed image (its folder goes when the generator ends)
         if isinstance(given, str):

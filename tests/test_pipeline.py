@@ -34,7 +34,13 @@ def test_pipeline_generates_the_shape_in_the_picture(pipe, tiny_cascade):
     assert len(previews) == 1 and previews[0] is result.lr_mesh
     mesh = result.mesh
     assert len(mesh.faces) > 100 and np.all(np.abs(mesh.bounds) <= 1.05)
-    assert set(result.seconds) == {"preprocess", "mar_lr", "lr_mesh", "mar_hr", "hr_mesh"}
+    assert set(result.seconds) == {"preprocess", "mar_lr", "lr_mesh", "mar_hr", "hr_mesh", "colour"}
+    assert [s[0] for s in stages if s[0] in ("hr_mesh", "colour")] == ["hr_mesh", "colour"]
+    # coloured from the picture: every vertex, with the processed image's colours (fallback cut-out of
+    # the wooden chair: browns, never the white background)
+    colours = np.asarray(mesh.visual.vertex_colors)
+    assert mesh.visual.kind == "vertex" and len(colours) == len(mesh.vertices) and result.view is not None
+    assert colours[:, :3].mean() < 235
     # the chair photo was paired with the box: the HR tokens decode to the box, not the sphere
     ious = []
     for name in names:
@@ -54,6 +60,10 @@ def test_pipeline_is_seeded(pipe):
     c = pipe(CHAIR, FAST, seed=4, lr_mesh=False)
     assert a.lr_mesh is None
     assert torch.equal(a.hr_tokens, b.hr_tokens) and np.array_equal(a.mesh.vertices, b.mesh.vertices)
+    assert np.array_equal(a.mesh.visual.vertex_colors, b.mesh.visual.vertex_colors)
+    grey = pipe(CHAIR, FAST, seed=3, lr_mesh=False, colour=False)
+    assert grey.mesh.visual.kind is None and grey.view is None and "colour" not in grey.seconds
+    assert np.array_equal(grey.mesh.vertices, a.mesh.vertices)
     assert not torch.equal(a.hr_tokens, c.hr_tokens)
 
 
@@ -84,7 +94,22 @@ def test_generate_cli_goes_on_past_a_bad_image(tiny_cascade, tmp_path):
     assert "not_an_image.png" in lines[1]["image"] and lines[1]["error"].startswith("ImageError")
     for r in (lines[0], lines[2]):
         assert set(r["seconds"]) >= {"mar_lr", "mar_hr", "hr_mesh"} and r["n_faces"] > 0
-        assert len(trimesh.load(r["output"], force="mesh").faces) == r["n_faces"]
+        out = trimesh.load(r["output"], force="mesh")
+        assert len(out.faces) == r["n_faces"] and out.visual.kind == "vertex"  # coloured by default
+        assert "colour" in r["seconds"]
+
+
+@pytest.mark.parametrize("flags,want", [([], True), (["--colour"], True), (["--no-colour"], False),
+                                        (["--colour", "false"], False), (["--lr-mesh", "0"], True)])
+def test_bool_settings_flags(flags, want):
+    import argparse
+
+    from mar3d.cli import add_dataclass_flags, dataclass_from_args
+
+    p = argparse.ArgumentParser()
+    add_dataclass_flags(p, Settings)
+    s = dataclass_from_args(Settings, p.parse_args(flags))
+    assert s.colour is want and s.lr_mesh is (flags != ["--lr-mesh", "0"])
 
 
 def test_generate_cli_missing_checkpoint(tmp_path):

