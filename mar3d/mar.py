@@ -46,6 +46,11 @@ class MARConfig:
     # index's input in the MAE encoder and decoder, and the prefix holds only their mean
     # (and MAR-HR's LR tokens). Cheaper than a prefix of L tokens, and z_i sees its own.
     cond_mode: str = "prefix"
+    # True (aligned mode): the diffusion head models each token's residual from a base prediction,
+    # a frozen Linear of its aligned image token (the single-view reconstructor's own token head,
+    # loaded with its encoder). MAR then starts from the deterministic reconstruction and learns
+    # what that leaves out, instead of learning token values from scratch through the diffusion loss.
+    residual: bool = False
     latent_shift: float = 0.0      # token normalisation, set from the training latents
     latent_scale: float = 1.0
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -90,9 +95,14 @@ class MAR(nn.Module):
         # --------------------------------------------------------------- diffusion head
         self.diffloss = DiffLoss(cfg.token_dim, W, cfg.diff_width, cfg.diff_depth, cfg.diff_train_steps)
         self.aux_head = nn.Linear(W, cfg.token_dim) if cfg.aux_weight > 0 else None  # training only
+        self.base_head = None
+        if cfg.residual:
+            if cfg.cond_mode != "aligned":
+                raise ValueError("residual needs cond_mode='aligned' (one image token per generated index)")
+            self.base_head = nn.Linear(self.image_encoder.dim, cfg.token_dim).requires_grad_(False)
 
         for name, module in self.named_modules():
-            if not name.startswith(("image_encoder", "diffloss")):  # those initialise themselves
+            if not name.startswith(("image_encoder", "diffloss", "base_head")):  # initialised elsewhere
                 init_weights(module)
         for p in (self.fake_prefix, self.enc_pos, self.mask_token, self.dec_pos, self.diff_pos):
             nn.init.normal_(p, std=0.02)
@@ -109,6 +119,12 @@ class MAR(nn.Module):
         return tokens * self.cfg.latent_scale + self.cfg.latent_shift
 
     # ------------------------------------------------------------------- condition
+    def base(self, image_tokens: torch.Tensor, batch: int, device) -> torch.Tensor | float:
+        """The base prediction (B, L, C) the diffusion head's targets are residuals from, or 0."""
+        if self.base_head is None:
+            return 0.0
+        return self.base_head(image_tokens.to(self.base_head.weight.dtype))
+
     def condition(self, images: torch.Tensor | None, lr_tokens: torch.Tensor | None = None, aug_t: float | None = None,
                   generator: torch.Generator | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Prefix (B, P, W) from images (B, 3, H, W) in [0, 1] and, for MAR-HR, normalised LR tokens.
@@ -189,12 +205,15 @@ class MAR(nn.Module):
                 image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Diffusion loss on the masked tokens (+ aux_weight · MSE of the aux regression).
         tokens (B, L, C) normalised; images (B, 3, H, W), or the encoder's `image_tokens`."""
-        prefix = self.condition(images, lr_tokens, image_tokens=image_tokens)  # (B, P, W)
+        if image_tokens is None:
+            image_tokens = self.image_encoder(images)
+        prefix = self.condition(None, lr_tokens, image_tokens=image_tokens)  # (B, P, W)
         if self.training:
             prefix = self.drop_condition(prefix)
         mask = self.random_mask(tokens.shape[0], tokens.device)          # (B, L)
         z = self.decode(self.encode(tokens, prefix, mask), mask, prefix)  # (B, L, W)
-        target, z = tokens[mask], z[mask]                                 # (N_masked, C), (N_masked, W)
+        residual = tokens - self.base(image_tokens, tokens.shape[0], tokens.device)
+        target, z = residual[mask], z[mask]                               # (N_masked, C), (N_masked, W)
         k = self.cfg.diff_batch_mul
         loss = self.diffloss.loss(target.repeat(k, 1), z.repeat(k, 1))
         if self.aux_head is not None:
@@ -213,7 +232,10 @@ class MAR(nn.Module):
         same tokens."""
         B, L, device = images.shape[0], self.cfg.seq_len, images.device
         steps = max(1, min(steps, L))
-        prefix = self.condition(images, lr_tokens, aug_t=cond_aug_t, generator=generator)
+        image_tokens = self.image_encoder(images)
+        prefix = self.condition(None, lr_tokens, aug_t=cond_aug_t, generator=generator, image_tokens=image_tokens)
+        base = self.base(image_tokens, B, device)
+        base = base.expand(B, L, self.cfg.token_dim) if torch.is_tensor(base) else None
         if cfg != 1.0:  # conditional and unconditional passes as one batch
             prefix = torch.cat([prefix, self.fake_prefix.expand_as(prefix).to(prefix.dtype)])
         tokens = torch.zeros(B, L, self.cfg.token_dim, device=device)
@@ -228,6 +250,8 @@ class MAR(nn.Module):
             pick = torch.zeros_like(mask).scatter_(1, positions, True)                  # (B, L)
             scale = cfg_scale_at(cfg, L - done, L)  # guidance grows as tokens are decoded
             new = self.diffloss.sample(z[both(pick)], temperature, scale, diffusion_steps, generator)
+            if base is not None:
+                new = new + base[pick]
             tokens[pick] = new.to(tokens.dtype)
             mask = mask & ~pick
             if progress is not None:

@@ -224,6 +224,14 @@ class MARTask:
         if self.recon is not None:
             model.image_encoder.load_state_dict(self.recon.encoder.state_dict())
             self.features = self.encode_all(model.image_encoder)
+        if model.base_head is not None:  # residual MAR: the reconstructor's token head is the base
+            if self.recon is None:
+                raise ValueError("a residual MAR needs init_encoder (the reconstructor whose token head is its base)")
+            rc, mc = self.recon.cfg, self.model_cfg
+            if not (math.isclose(rc.latent_shift, mc.latent_shift, abs_tol=1e-6)
+                    and math.isclose(rc.latent_scale, mc.latent_scale, rel_tol=1e-6)):
+                raise ValueError("the reconstructor was trained on another token normalisation than this cache's")
+            model.base_head.load_state_dict(self.recon.to_tokens.state_dict())
         return model
 
     @torch.no_grad()

@@ -80,6 +80,8 @@ def main(argv=None) -> None:
     p.add_argument("--pick", choices=["spread", "first"], default="spread", help="which validation shapes")
     p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
     p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor")
+    p.add_argument("--recon-bias", type=float, default=0.0,
+                   help="logit added to the reconstructor's occupancy before extraction (> 0: a lower iso-level)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline Settings overrides")
     args = p.parse_args(argv)
     work, ckpt, r = Path(args.work), Path(args.ckpt), Recipe()
@@ -89,7 +91,8 @@ def main(argv=None) -> None:
     settings = eval_settings()
     for kv in args.set:
         k, v = kv.split("=", 1)
-        setattr(settings, k, type(getattr(settings, k))(v))
+        kind = type(getattr(settings, k))
+        setattr(settings, k, v.lower() in ("1", "true", "yes") if kind is bool else kind(v))
     settings.lr_mesh = True
     pipe = None if args.no_cascade else MAR3DPipeline.from_pretrained(ckpt)
     recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
@@ -113,7 +116,9 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 latents = recon.denormalize(recon(pixels)[1])
             try:
-                mesh, _ = extract_mesh(vae.occupancy_fn(latents), resolution=settings.resolution)
+                fn = vae.occupancy_fn(latents)
+                biased = (lambda q: fn(q) + args.recon_bias) if args.recon_bias else fn
+                mesh, _ = extract_mesh(biased, resolution=settings.resolution)
                 mesh.export(out / f"{npz.stem}.recon.ply")
             except ExtractionError:
                 mesh = None
@@ -121,7 +126,8 @@ def main(argv=None) -> None:
         rows.append(row)
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
     result = {"label": args.label, "shapes": len(rows), "pick": args.pick, "minutes": round((time.time() - t0) / 60, 1),
-              "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}}
+              "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")},
+              "recon_bias": args.recon_bias}
     for key in ("hr", "lr", "recon"):
         if rows and key in rows[0]:
             result[key] = summary(rows, key)

@@ -73,6 +73,7 @@ class Recipe:
     recon_stem: str = "patch"    # the reconstructor ViT's patch embedding: "patch" (linear) or "conv" (conv stack)
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
     mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
+    mar_residual: bool = False   # MAR (aligned): model residuals from the reconstructor's token prediction
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
     eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
     device: str = "cpu"
@@ -157,7 +158,8 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
         cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_lr, min_lr=r.mar_lr / 10,
                           val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
                           threads=threads, init_encoder=str(out) if r.recon_steps else "")
-        preset = dataclasses.replace(MAR_PRESETS["tiny"], aux_weight=r.mar_aux_weight, cond_mode=r.mar_cond_mode)
+        preset = dataclasses.replace(MAR_PRESETS["tiny"], aux_weight=r.mar_aux_weight, cond_mode=r.mar_cond_mode,
+                                     residual=r.mar_residual)
         last = train(task, preset, cfg, work / "cache", out)
     done(**last)
 
@@ -268,10 +270,11 @@ def score(pred: Path, gt: Path) -> dict:
 
 
 def eval_settings():
-    """Evaluation settings: the pipeline's defaults (what a user gets), seed 0, no LR preview."""
+    """Evaluation settings: the pipeline's defaults (what a user gets), seed 0, no LR preview, and no
+    colouring (it leaves the geometry as it is; scripts/colour_eval.py scores it)."""
     from mar3d.pipeline import Settings
 
-    return Settings(seed=0, lr_mesh=False)
+    return Settings(seed=0, lr_mesh=False, colour=False)
 
 
 STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "recon", "mar_lr", "mar_hr", "eval_image")

@@ -145,3 +145,36 @@ def test_aligned_conditioning_on_one_token_per_index():
     assert out.shape == (2, 32, 8) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="one image token per index"):
         MAR(dataclasses.replace(cfg, seq_len=16))
+
+
+def test_residual_mar_models_tokens_around_the_reconstruction(monkeypatch):
+    """residual=True: the diffusion head's targets are tokens − base(aligned image token), and sampling
+    adds the base back (a head that samples zeros returns the base prediction itself)."""
+    import dataclasses
+
+    from mar3d.mar import MAR
+
+    enc = ImageEncoderConfig(kind="readout", image_size=32, patch_size=8, width=32, layers=1, heads=2,
+                             readout_layers=1, readout_lr=8, readout_hr=32, output="lr", frozen=True)
+    from tests.conftest import MICRO_MAR
+
+    cfg = dataclasses.replace(MICRO_MAR, image_encoder=enc, cond_mode="aligned", residual=True)
+    torch.manual_seed(0)
+    mar = MAR(cfg)
+    torch.nn.init.normal_(mar.base_head.weight)
+    images, tokens = torch.rand(2, 3, 32, 32), torch.randn(2, 8, 8)
+    with torch.no_grad():
+        base = mar.base_head(mar.image_encoder(images))
+    seen = {}
+    real_loss = mar.diffloss.loss
+    monkeypatch.setattr(mar.diffloss, "loss", lambda target, z: seen.setdefault("target", target) is None
+                        or real_loss(target, z))
+    mar(tokens, images)
+    residual = (tokens - base).reshape(-1, 8)
+    assert all(any(torch.allclose(row, r, atol=1e-5) for r in residual) for row in seen["target"])
+    assert not mar.base_head.weight.requires_grad
+    monkeypatch.setattr(mar.diffloss, "sample", lambda z, *a, **k: torch.zeros(z.shape[0] // 2, 8))
+    out = mar.eval().sample(images, steps=2, cfg=3.0, diffusion_steps=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, base)
+    with pytest.raises(ValueError, match="aligned"):
+        MAR(dataclasses.replace(cfg, cond_mode="prefix"))
