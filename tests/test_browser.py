@@ -91,6 +91,16 @@ def drawn_pixels(png: bytes, tolerance: int = 12) -> int:
     return int(np.sum(np.abs(below_overlays - background).max(axis=-1) > tolerance))
 
 
+def warm_pixels(png: bytes, margin: int = 25) -> int:
+    """Pixels clearly redder than blue: neither the slate background (bluish) nor a grey mesh has
+    any; the chair photo's wood colours painted on the mesh do."""
+    import io
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    rgb = rgb[rgb.shape[0] // 8:]
+    return int(np.sum(rgb[..., 0] - rgb[..., 2] > margin))
+
+
 def block(page, label: str):
     """The Gradio block whose label is `label`."""
     return page.locator(".block").filter(has=page.get_by_text(label, exact=True)).last
@@ -144,16 +154,18 @@ def test_generate_in_the_browser(app_url, tmp_path):
             page.get_by_role("button", name="Generate", exact=True).click()
 
             # while the run is on (no download link yet): progress labels, and the LR preview drawn
-            labels, preview_drawn, t_preview = [], 0, None
+            labels, preview_drawn, t_preview, preview_warm = [], 0, None, 0
             deadline = time.monotonic() + TIMEOUT_S
             while time.monotonic() < deadline and link.count() == 0:
                 text = progress_text(page)
                 if text and (not labels or labels[-1] != text):
                     labels.append(text)
                 if canvas.count() and t_preview is None:
-                    drawn = drawn_pixels(canvas.screenshot())
+                    png = canvas.screenshot()
+                    drawn = drawn_pixels(png)
                     if drawn > 500 and link.count() == 0:
                         preview_drawn, t_preview = drawn, time.perf_counter() - t0
+                        preview_warm = warm_pixels(png)
                         page.screenshot(path=str(preview_shot), full_page=True)
                 page.wait_for_timeout(200)
             link.wait_for(timeout=60_000)
@@ -164,21 +176,26 @@ def test_generate_in_the_browser(app_url, tmp_path):
             assert any("MAR-HR" in t for t in labels), labels
             assert len({t.split()[0] for t in labels}) >= 2, f"progress never moved between stages: {labels}"
 
-            drawn, deadline = 0, time.monotonic() + 120
+            # the HR mesh replaces the grey preview, painted with the photo's colours (wood tones)
+            drawn, warm, deadline = 0, 0, time.monotonic() + 120
             while time.monotonic() < deadline:
-                drawn = drawn_pixels(canvas.screenshot())
-                if drawn > 500:
+                png = canvas.screenshot()
+                drawn, warm = drawn_pixels(png), warm_pixels(png)
+                if drawn > 500 and warm > 200:
                     break
                 page.wait_for_timeout(500)
             page.screenshot(path=str(shots), full_page=True)
+            print(f"browser: final canvas {drawn} px drawn, {warm} warm (preview: {preview_warm} warm)")
             assert drawn > 500, f"the viewer canvas shows no mesh (screenshot: {shots})"
+            assert warm > 200 and preview_warm < 50, f"the HR mesh is not drawn in the photo's colours ({shots})"
 
             with page.expect_download() as info:
                 link.click()
             path = tmp_path / info.value.suggested_filename
             info.value.save_as(path)
-            mesh = trimesh.load(path, force="mesh")
+            mesh = trimesh.load(path, force="mesh", skip_materials=True)  # keeps COLOR_0 (mesh_io)
             assert len(mesh.faces) > 0 and np.all(np.abs(mesh.bounds) <= 1.05)
+            assert mesh.visual.kind == "vertex"  # the download carries the vertex colours
             assert not errors, errors
         finally:
             browser.close()
