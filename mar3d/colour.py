@@ -16,7 +16,7 @@ candidate (elevation, fov) on a grid, the scale and offset follow from the proje
 box (a mesh's silhouette box is its projected vertices' box) matched to the mask's box; the
 candidate whose ray-cast silhouette best overlaps the mask (IoU, at 96²) wins, then elevation and
 fov are refined on a finer grid at 128² (on 30 held-out renders: 97 % within 5° against 93 % with
-the fine search at 96², scripts/colour_eval.py; about 0.5 s for a 21k-face mesh).
+the fine search at 96², scripts/colour_eval.py; 0.64–0.78 s for a 21k-face mesh, bench/bench_app.py).
 
 Colouring. A vertex is seen when it faces the camera and the ray from it to the camera leaves
 the mesh unobstructed (Embree, through trimesh). Seen vertices sample the image bilinearly in
