@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .render import Camera, bounding_radius, fit_distance
+from .render import Camera, _transform, bounding_radius, fit_distance
 
 ELEVATIONS = tuple(np.arange(-20.0, 60.1, 5.0))  # coarse search (degrees); training draws −10…40
 FOVS = (30.0, 35.0, 40.0, 45.0, 50.0)             # training draws 30…50
@@ -82,7 +82,7 @@ class ViewFit:
         cu, cv = (u - self.offset[0]) / self.scale, (v - self.offset[1]) / self.scale  # camera pixels
         c, f = self.camera.size / 2.0, self.camera.focal
         d = np.stack([(cu - c) / f, -(cv - c) / f, -np.ones_like(cu)], -1).reshape(-1, 3)
-        d = d @ self.camera.rotation.T
+        d = _transform(d, self.camera.rotation)
         return self.camera.position, d / np.linalg.norm(d, axis=1, keepdims=True)
 
 

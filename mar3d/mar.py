@@ -119,10 +119,10 @@ class MAR(nn.Module):
         return tokens * self.cfg.latent_scale + self.cfg.latent_shift
 
     # ------------------------------------------------------------------- condition
-    def base(self, image_tokens: torch.Tensor, batch: int, device) -> torch.Tensor | float:
-        """The base prediction (B, L, C) the diffusion head's targets are residuals from, or 0."""
+    def base(self, image_tokens: torch.Tensor) -> torch.Tensor | None:
+        """The base prediction (B, L, C) the diffusion head's targets are residuals from (None: no residual)."""
         if self.base_head is None:
-            return 0.0
+            return None
         return self.base_head(image_tokens.to(self.base_head.weight.dtype))
 
     def condition(self, images: torch.Tensor | None, lr_tokens: torch.Tensor | None = None, aug_t: float | None = None,
@@ -212,8 +212,9 @@ class MAR(nn.Module):
             prefix = self.drop_condition(prefix)
         mask = self.random_mask(tokens.shape[0], tokens.device)          # (B, L)
         z = self.decode(self.encode(tokens, prefix, mask), mask, prefix)  # (B, L, W)
-        residual = tokens - self.base(image_tokens, tokens.shape[0], tokens.device)
-        target, z = residual[mask], z[mask]                               # (N_masked, C), (N_masked, W)
+        base = self.base(image_tokens)
+        target = (tokens if base is None else tokens - base)[mask]      # (N_masked, C)
+        z = z[mask]                                                      # (N_masked, W)
         k = self.cfg.diff_batch_mul
         loss = self.diffloss.loss(target.repeat(k, 1), z.repeat(k, 1))
         if self.aux_head is not None:
@@ -234,8 +235,7 @@ class MAR(nn.Module):
         steps = max(1, min(steps, L))
         image_tokens = self.image_encoder(images)
         prefix = self.condition(None, lr_tokens, aug_t=cond_aug_t, generator=generator, image_tokens=image_tokens)
-        base = self.base(image_tokens, B, device)
-        base = base.expand(B, L, self.cfg.token_dim) if torch.is_tensor(base) else None
+        base = self.base(image_tokens)  # (B, L, C) or None
         if cfg != 1.0:  # conditional and unconditional passes as one batch
             prefix = torch.cat([prefix, self.fake_prefix.expand_as(prefix).to(prefix.dtype)])
         tokens = torch.zeros(B, L, self.cfg.token_dim, device=device)
