@@ -1,4 +1,4 @@
-"""Score a recipe pilot on the validation split (never the test split): image → 3D at the pipeline's defaults.
+"""Score a recipe pilot on the validation split: image → 3D at the pipeline's defaults.
 
     python scripts/pilot_eval.py --work data/demo --ckpt runs/pilot --label "P1 frozen recon encoder" [--recon]
 
@@ -9,6 +9,10 @@ reconstructor's mesh (its predicted HR tokens decoded at 128³) under <work>/pil
 each against the shape turned into the view's frame (mar3d.evaluate's protocol) and prints one
 json line: median / mean F@0.05, the share of shapes ≥ 0.5, the mean slab share of the meshes and
 of their ground truth, and per-family medians. Rows go to <work>/pilots/<slug>.json. CI never runs this.
+
+Pilots are chosen on the validation split only. `--split test` scores the held-out test split
+(mar3d.data.is_held_out, the shapes of `python -m mar3d.evaluate`) with the same rows: it is for
+a recipe already chosen, and for the checkpoint it replaces.
 """
 
 import argparse
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_demo import Recipe, eval_settings, ground_truth  # noqa: E402
 
 from mar3d.checkpoint import load_model  # noqa: E402
-from mar3d.data import is_validation  # noqa: E402
+from mar3d.data import is_held_out, is_validation  # noqa: E402
 from mar3d.extract import ExtractionError, extract_mesh  # noqa: E402
 from mar3d.metrics import compare_meshes  # noqa: E402
 from mar3d.pipeline import PREVIEW_RESOLUTION, MAR3DPipeline  # noqa: E402
@@ -39,11 +43,12 @@ def family(name: str) -> str:
     return "real" if name.startswith("real__") else name.rsplit("_", 1)[0]
 
 
-def validation_shapes(work: Path, r: Recipe, count: int, pick: str = "spread") -> list[Path]:
-    """`count` validation shapes: "spread" = evenly over the name-sorted list (every family),
-    "first" = the first in name order (this session's first pilots: families aircraft … lamp only)."""
-    files = [f for f in sorted((work / "prepared").glob("*.npz"))
-             if is_validation(f.stem, r.val_percent, r.validation_percent)]
+def validation_shapes(work: Path, r: Recipe, count: int, pick: str = "spread", split: str = "validation") -> list[Path]:
+    """`count` validation (or test) shapes: "spread" = evenly over the name-sorted list (every
+    family), "first" = the first in name order (the first pilots: families aircraft … lamp only)."""
+    chosen = (lambda n: is_held_out(n, r.val_percent)) if split == "test" else \
+        (lambda n: is_validation(n, r.val_percent, r.validation_percent))
+    files = [f for f in sorted((work / "prepared").glob("*.npz")) if chosen(f.stem)]
     if pick == "first" or count >= len(files):
         return files[:count]
     return [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
@@ -78,6 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--label", required=True)
     p.add_argument("--shapes", type=int, default=48)
     p.add_argument("--pick", choices=["spread", "first"], default="spread", help="which validation shapes")
+    p.add_argument("--split", choices=["validation", "test"], default="validation",
+                   help="test: the held-out test split, for a chosen recipe only")
     p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
     p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor")
     p.add_argument("--recon-bias", type=float, default=0.0,
@@ -98,7 +105,7 @@ def main(argv=None) -> None:
     recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
-    for npz in validation_shapes(work, r, args.shapes, args.pick):
+    for npz in validation_shapes(work, r, args.shapes, args.pick, args.split):
         _, gt = ground_truth(work, npz)
         image = work / "renders" / npz.stem / "0.png"
         row = {"shape": npz.stem}
@@ -125,7 +132,7 @@ def main(argv=None) -> None:
             row["recon"] = score(mesh, gt)
         rows.append(row)
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
-    result = {"label": args.label, "shapes": len(rows), "pick": args.pick, "minutes": round((time.time() - t0) / 60, 1),
+    result = {"label": args.label, "split": args.split, "shapes": len(rows), "pick": args.pick, "minutes": round((time.time() - t0) / 60, 1),
               "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")},
               "recon_bias": args.recon_bias}
     for key in ("hr", "lr", "recon"):

@@ -178,3 +178,49 @@ def test_residual_mar_models_tokens_around_the_reconstruction(monkeypatch):
     torch.testing.assert_close(out, base)
     with pytest.raises(ValueError, match="aligned"):
         MAR(dataclasses.replace(cfg, cond_mode="prefix"))
+
+
+def test_corrupt_tokens_draws_each_kind_of_input():
+    from mar3d.train import DecoderTuneConfig, corrupt_tokens
+
+    tokens, predicted = torch.randn(400, 8, 4), torch.randn(400, 8, 4)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    clean = corrupt_tokens(tokens, predicted, DecoderTuneConfig(clean_share=1.0, recon_share=0.0), g())
+    assert torch.equal(clean, tokens)
+    recon = corrupt_tokens(tokens, predicted, DecoderTuneConfig(clean_share=0.0, recon_share=1.0, recon_noise_max=0.0), g())
+    assert torch.equal(recon, predicted)
+    cfg = DecoderTuneConfig(clean_share=0.25, recon_share=0.5, shrink_min=0.5, noise_max=0.0)
+    out = corrupt_tokens(tokens, predicted, cfg, g())
+    is_clean = (out == tokens).flatten(1).all(1)
+    is_recon = ((out - predicted).abs() < cfg.recon_noise_max * 5).flatten(1).all(1) & ~is_clean
+    # without noise a synthetic input is the tokens shrunk by one factor a in [0.5, 1)
+    ratio = out / tokens
+    is_synth = ~is_clean & ~is_recon & (ratio.flatten(1).std(1) < 1e-4) & (ratio.flatten(1).mean(1) >= 0.5)
+    assert (is_clean | is_recon | is_synth).all()
+    assert 0.15 < is_clean.float().mean() < 0.35 and 0.4 < is_recon.float().mean() < 0.6
+    # without a reconstructor its share goes to the synthetic inputs
+    none = corrupt_tokens(tokens, None, cfg, g())
+    assert (none == tokens).flatten(1).all(1).float().mean() < 0.35
+
+
+def test_decoder_tuning_keeps_the_encoder_and_learns_to_decode_corrupted_tokens(work, tmp_path):
+    from mar3d.train import DecoderTuneConfig, VAEDecoderTask
+
+    rcfg = TrainConfig(steps=40, batch_size=8, val_percent=0.0, threads=2, queries=128, vae_dir=str(work / "vae"),
+                       log_every=40, eval_every=40, save_every=40)
+    train("recon", MICRO_RECON, rcfg, work, tmp_path / "r")
+    tune = DecoderTuneConfig(clean_share=0.2, recon_share=0.4)
+    cfg = TrainConfig(steps=120, lr=2e-3, batch_size=8, warmup=10, val_percent=0.0, threads=2, queries=512,
+                      vae_dir=str(work / "vae"), init_encoder=str(tmp_path / "r"),
+                      log_every=120, eval_every=120, save_every=120)
+    before = VAEDecoderTask(tune, cfg, work).evaluate(load_model(work / "vae", "vae"), "cpu")
+    after = train("vae_decoder", tune, cfg, work, tmp_path / "d")
+    assert after["val_bce_corrupt"] < 0.9 * before["val_bce_corrupt"], (before, after)
+    assert after["val_bce_recon"] < before["val_bce_recon"], (before, after)
+    old, new = load_model(work / "vae", "vae"), load_model(tmp_path / "d", "vae_decoder")
+    assert type(new) is type(old) and new.cfg == old.cfg  # a drop-in VAE
+    changed = {k for k, v in new.state_dict().items() if not torch.equal(v, old.state_dict()[k])}
+    assert changed and all(k.split(".")[0] in ("from_latent", "decoder", "query_embed", "query_attn", "out_norm",
+                                                "to_logit") for k in changed), changed
+    surface = torch.from_numpy(np.load(work / "prepared" / "s0.npz")["surface"][None, :, :6]).float()
+    torch.testing.assert_close(new.encode(surface), old.encode(surface))  # cached tokens stay valid
