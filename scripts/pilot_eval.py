@@ -90,9 +90,15 @@ def main(argv=None) -> None:
     p.add_argument("--recon-bias", type=float, default=0.0,
                    help="logit added to the reconstructor's occupancy before extraction (> 0: a lower iso-level)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline Settings overrides")
+    p.add_argument("--shard", default="0/1", metavar="K/N", help="score every N-th shape from the K-th (parallel runs)")
+    p.add_argument("--merge", nargs="*", default=[], metavar="LABEL",
+                   help="score nothing: summarise the rows the runs of these labels wrote, as --label")
     args = p.parse_args(argv)
     work, ckpt, r = Path(args.work), Path(args.ckpt), Recipe()
-    slug = re.sub(r"[^a-z0-9]+", "-", args.label.lower()).strip("-")
+    slug = slugify(args.label)
+    if args.merge:
+        rows = [row for label in args.merge for row in json.loads((work / "pilots" / f"{slugify(label)}.json").read_text())]
+        return report(work, slug, sorted(rows, key=lambda row: row["shape"]), {"label": args.label, "merged": args.merge})
     out = work / "pilots" / slug
     out.mkdir(parents=True, exist_ok=True)
     settings = eval_settings()
@@ -105,7 +111,8 @@ def main(argv=None) -> None:
     recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
-    for npz in validation_shapes(work, r, args.shapes, args.pick, args.split):
+    k, n = (int(x) for x in args.shard.split("/"))
+    for npz in validation_shapes(work, r, args.shapes, args.pick, args.split)[k::n]:
         _, gt = ground_truth(work, npz)
         image = work / "renders" / npz.stem / "0.png"
         row = {"shape": npz.stem}
@@ -131,10 +138,20 @@ def main(argv=None) -> None:
                 mesh = None
             row["recon"] = score(mesh, gt)
         rows.append(row)
+    report(work, slug, rows, {
+        "label": args.label, "split": args.split, "shard": args.shard, "pick": args.pick,
+        "minutes": round((time.time() - t0) / 60, 1), "recon_bias": args.recon_bias,
+        "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}})
+
+
+def slugify(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def report(work: Path, slug: str, rows: list[dict], result: dict) -> None:
+    """Write the rows to <work>/pilots/<slug>.json; print and append the summary to results.jsonl."""
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
-    result = {"label": args.label, "split": args.split, "shapes": len(rows), "pick": args.pick, "minutes": round((time.time() - t0) / 60, 1),
-              "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")},
-              "recon_bias": args.recon_bias}
+    result["shapes"] = len(rows)
     for key in ("hr", "lr", "recon"):
         if rows and key in rows[0]:
             result[key] = summary(rows, key)

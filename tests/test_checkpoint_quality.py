@@ -33,24 +33,21 @@ def test_checkpoint_is_small_and_safetensors_only():
 
 
 @pytest.mark.slow
-def test_outputs_follow_their_own_image(pipe):
-    """The shipped checkpoint beats the same model with shuffled conditions: the meshes generated
-    from each held-out render are closer (Chamfer) to that render's shape than the meshes generated
-    from the other renders are. A model that ignores its image scores a ratio of about 1 here.
-
-    Averaged over two seeds, because one sample is noisy. Measured on the shipped checkpoint: own
-    0.174, shuffled 0.293, ratio 0.59. The stronger property, that every single output is nearest
-    its own shape, is not asserted: it holds for these two seeds averaged, but at seeds 2 and 3 the
-    chair's mesh lies nearer the mug (checkpoints/README.md)."""
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_outputs_follow_their_own_image(pipe, seed):
+    """The shipped checkpoint beats the same model with shuffled conditions, at each of four seeds
+    on its own: the meshes generated from each held-out render are closer (Chamfer) to that
+    render's shape than the meshes generated from the other renders are. A model that ignores its
+    image scores a ratio of about 1 here. Measured on the shipped checkpoint, own / shuffled mean
+    Chamfer at seeds 0-3: 0.60, 0.58, 0.85, 0.68; hence the bound 0.9 (seed 2's chair mesh lies
+    nearly as close to the mug; checkpoints/README.md)."""
     names = sorted(p.stem for p in HELD_OUT.glob("*.png"))
     assert len(names) >= 3
     truths = [load_mesh(HELD_OUT / f"{n}.ply") for n in names]
-    cd = np.zeros((len(names), len(names)))  # [output of image i, shape j]
-    for seed in (0, 1):
-        settings = Settings(seed=seed, lr_mesh=False, resolution=64)
-        outputs = [pipe(HELD_OUT / f"{n}.png", settings).mesh for n in names]
-        cd += [[compare_meshes(out, gt, n_points=20_000)["chamfer"] for gt in truths] for out in outputs]
-    cd /= 2
+    settings = Settings(seed=seed, lr_mesh=False, colour=False, resolution=64)
+    outputs = [pipe(HELD_OUT / f"{n}.png", settings).mesh for n in names]
+    cd = np.array([[compare_meshes(out, gt, n_points=20_000)["chamfer"] for gt in truths] for out in outputs])
     own, shuffled = cd.diagonal().mean(), cd[~np.eye(len(names), dtype=bool)].mean()
-    print(f"{names}\nChamfer [output, shape]:\n{np.round(cd, 3)}\nown {own:.3f}, shuffled {shuffled:.3f}")
-    assert own < 0.85 * shuffled, f"own-condition Chamfer {own:.3f} vs shuffled {shuffled:.3f}"
+    print(f"seed {seed} {names}\nChamfer [output, shape]:\n{np.round(cd, 3)}\nown {own:.3f}, shuffled {shuffled:.3f}, "
+          f"ratio {own / shuffled:.2f}")
+    assert own < 0.9 * shuffled, f"seed {seed}: own-condition Chamfer {own:.3f} vs shuffled {shuffled:.3f}"
