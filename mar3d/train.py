@@ -64,7 +64,8 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     max_minutes: float = 0.0     # stop (and save) after this wall time; 0 = no limit
-    vae_dir: str = ""            # recon: directory of the frozen VAE whose decoder scores the predicted tokens
+    vae_dir: str = ""            # recon / vae_decoder: the frozen VAE whose decoder scores the predicted tokens;
+                                 # vae: the VAE to start from (fine-tuning)
     init_encoder: str = ""       # MAR: directory of a pretrained `recon`; MAR takes its image encoder, frozen
 
 
@@ -125,7 +126,10 @@ class VAETask:
         return len(self.train)
 
     def build_model(self) -> PyramidVAE:
-        return PyramidVAE(self.model_cfg)
+        model = PyramidVAE(self.model_cfg)
+        if self.cfg.vae_dir:  # fine-tune: start from this VAE's weights (its config may differ in training knobs only)
+            model.load_state_dict(load_model(self.cfg.vae_dir, "vae").state_dict())
+        return model
 
     def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:
         shapes = torch.randint(len(self.train), (batch_size,), generator=generator)

@@ -33,6 +33,8 @@ class VAEConfig:
     kl_weight: float = 0.0    # 0: deterministic auto-encoder (posterior mean, no sampling)
     near_weight: float = 1.0  # weight of the near-surface BCE next to the uniform BCE
     out_bias: float = -1.0    # initial logit: most of the box is empty
+    latent_noise: float = 0.0  # training only: decode latents + U(0, latent_noise)·std(latents)·ε, so that
+                               # tokens a little wrong decode to a shape a little wrong (0 = off)
 
     def level_sizes(self, tokens: str) -> list[int]:
         """Point counts of the K levels used for the 'hr' or 'lr' token set."""
@@ -126,6 +128,8 @@ class PyramidVAE(nn.Module):
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
         else:
             latents, kl = mean, mean.new_zeros(())
+        if self.training and self.cfg.latent_noise > 0:
+            latents = noised_latents(latents, self.cfg.latent_noise)
         return self.query(self.decode(latents), points), kl
 
     def loss(self, surface: torch.Tensor, uniform: tuple, near: tuple, tokens: str = "hr") -> tuple[torch.Tensor, dict]:
@@ -137,6 +141,13 @@ class PyramidVAE(nn.Module):
         bce_n = F.binary_cross_entropy_with_logits(logits[:, n_uniform:].float(), near[1].float())
         loss = bce_u + self.cfg.near_weight * bce_n + self.cfg.kl_weight * kl
         return loss, {"bce_uniform": bce_u.item(), "bce_near": bce_n.item(), "kl": float(kl)}
+
+
+def noised_latents(latents: torch.Tensor, max_noise: float) -> torch.Tensor:
+    """latents (B, M, C) + s·std(latents)·ε with s ~ U(0, max_noise) per shape. The noise scales with
+    the latents' own spread (not differentiated), so the encoder cannot escape it by growing them."""
+    s = max_noise * torch.rand(latents.shape[0], 1, 1, device=latents.device, dtype=latents.dtype)
+    return latents + s * latents.detach().std() * torch.randn_like(latents)
 
 
 # ----------------------------------------------------------------------- presets

@@ -103,3 +103,47 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     (tmp_path / "vae.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid mar3d model config"):
         load_model(tmp_path, "vae")
+
+
+def test_latent_noise_scales_with_the_latents_and_only_in_training():
+    from mar3d.vae import noised_latents
+
+    z = torch.randn(3, 16, 8)
+    torch.manual_seed(1)
+    a = noised_latents(z, 0.5)
+    torch.manual_seed(1)
+    b = noised_latents(10 * z, 0.5)
+    torch.testing.assert_close(b - 10 * z, 10 * (a - z))  # the encoder cannot outgrow the noise
+    assert (a - z).abs().max() > 0
+    assert torch.equal(noised_latents(z, 0.0), z)
+
+    torch.manual_seed(0)
+    noisy = PyramidVAE(dataclasses.replace(MICRO, latent_noise=0.5))
+    plain = PyramidVAE(MICRO)
+    plain.load_state_dict(noisy.state_dict())
+    surface, points = torch.randn(2, MICRO.num_points, 6), torch.rand(2, 64, 3) * 2 - 1
+    with torch.no_grad():
+        noisy.eval()
+        torch.testing.assert_close(noisy(surface, points)[0], plain(surface, points)[0])  # inference: no noise
+        noisy.train()
+        assert not torch.allclose(noisy(surface, points)[0], plain(surface, points)[0])
+
+
+def test_vae_task_fine_tunes_from_a_given_vae(tmp_path):
+    import numpy as np
+
+    from mar3d.train import TrainConfig, VAETask
+    from tests.conftest import write_synthetic_shape
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "prepared").mkdir()
+    for i in range(3):
+        write_synthetic_shape(tmp_path / "prepared" / f"s{i}.npz", rng, n_surface=256, n_pool=1024)
+    torch.manual_seed(5)
+    start = PyramidVAE(MICRO)
+    save_model(start, tmp_path / "start", "vae")
+    cfg = TrainConfig(val_percent=0.0, fscore_shapes=0, vae_dir=str(tmp_path / "start"))
+    model = VAETask(dataclasses.replace(MICRO, latent_noise=0.3), cfg, tmp_path / "prepared").build_model()
+    assert model.cfg.latent_noise == 0.3
+    for k, v in start.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
