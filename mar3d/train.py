@@ -328,14 +328,18 @@ class ReconTask:
         out = {"mse_lr": (pred_lr.float() - self.lr[idx].to(device)).pow(2).mean(),
                "mse_hr": (pred_hr.float() - self.hr[idx].to(device)).pow(2).mean()}
         if self.model_cfg.bce_weight > 0:
-            vae = self.vae.to(device)
-            points, uniform_labels, near_labels = (t.to(device) for t in self.occupancy(idx, self.cfg.queries, generator))
-            latents = pred_hr * self.model_cfg.latent_scale + self.model_cfg.latent_shift
-            logits = vae.query(vae.decode(latents), points).float()  # (B, Q)
-            n = uniform_labels.shape[1]
-            f = torch.nn.functional.binary_cross_entropy_with_logits
-            out["bce"] = f(logits[:, :n], uniform_labels.float()) + vae.cfg.near_weight * f(logits[:, n:], near_labels.float())
+            out["bce"] = self.decode_bce(self.vae.to(device), pred_hr, idx, generator, device)
         return out
+
+    def decode_bce(self, vae: PyramidVAE, tokens: torch.Tensor, idx: torch.Tensor, generator: torch.Generator, device):
+        """Occupancy BCE (uniform + near_weight · near) of `vae` decoding normalised `tokens` (B, M, C)
+        against the shapes of entries `idx`, in each entry's view frame."""
+        points, uniform_labels, near_labels = (t.to(device) for t in self.occupancy(idx, self.cfg.queries, generator))
+        latents = tokens.to(device) * self.model_cfg.latent_scale + self.model_cfg.latent_shift
+        logits = vae.query(vae.decode(latents), points).float()  # (B, Q)
+        n = uniform_labels.shape[1]
+        f = torch.nn.functional.binary_cross_entropy_with_logits
+        return f(logits[:, :n], uniform_labels.float()) + vae.cfg.near_weight * f(logits[:, n:], near_labels.float())
 
     def total(self, parts: dict) -> torch.Tensor:
         return (parts["mse_lr"] + parts["mse_hr"]) / 2 + self.model_cfg.bce_weight * parts.get("bce", 0.0)
@@ -377,9 +381,9 @@ def corrupt_tokens(tokens: torch.Tensor, predicted: torch.Tensor | None, cfg: De
     """The decoder's training input for each entry of normalised `tokens` (B, M, C): see DecoderTuneConfig."""
     b = tokens.shape[0]
     u = torch.rand(b, generator=generator)
-    pick_recon = (u >= cfg.clean_share) & (u < cfg.clean_share + cfg.recon_share) if predicted is not None else \
-        torch.zeros(b, dtype=torch.bool)
-    pick_synth = (u >= cfg.clean_share) & ~pick_recon
+    clean = u < cfg.clean_share
+    pick_recon = ~clean & (u < cfg.clean_share + cfg.recon_share) & (predicted is not None)
+    pick_synth = ~clean & ~pick_recon
     a = cfg.shrink_min + (1 - cfg.shrink_min) * torch.rand(b, generator=generator)
     s = torch.rand(b, generator=generator)
     noise = torch.randn(tokens.shape, generator=generator)
@@ -432,14 +436,6 @@ class VAEDecoderTask(ReconTask):
         for part in DECODER_PARTS:
             getattr(model, part).requires_grad_(True)
         return model
-
-    def decode_bce(self, model, latents: torch.Tensor, idx: torch.Tensor, generator: torch.Generator, device):
-        points, uniform_labels, near_labels = (t.to(device) for t in self.occupancy(idx, self.cfg.queries, generator))
-        latents = latents * self.model_cfg.latent_scale + self.model_cfg.latent_shift
-        logits = model.query(model.decode(latents.to(device)), points).float()
-        n = uniform_labels.shape[1]
-        f = torch.nn.functional.binary_cross_entropy_with_logits
-        return f(logits[:, :n], uniform_labels.float()) + model.cfg.near_weight * f(logits[:, n:], near_labels.float())
 
     def inputs(self, idx: torch.Tensor, which: str, generator: torch.Generator) -> torch.Tensor:
         tokens = (self.hr if which == "hr" else self.lr)[idx]

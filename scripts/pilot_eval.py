@@ -111,8 +111,8 @@ def main(argv=None) -> None:
     recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
-    k, n = (int(x) for x in args.shard.split("/"))
-    for npz in validation_shapes(work, r, args.shapes, args.pick, args.split)[k::n]:
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    for npz in validation_shapes(work, r, args.shapes, args.pick, args.split)[shard::shards]:
         _, gt = ground_truth(work, npz)
         image = work / "renders" / npz.stem / "0.png"
         row = {"shape": npz.stem}
