@@ -36,6 +36,9 @@ def build_cache(vae, items: Iterable[tuple[str, np.ndarray, object]], out_dir: s
     is None), so held-out shapes never shape the training targets."""
     if order not in ("anchored", "fps"):
         raise ValueError(f"unknown token order {order!r} (expected 'anchored' or 'fps')")
+    if order == "anchored" and vae.cfg.queries != "fps":
+        raise ValueError("the anchored order pairs FPS query points with anchors; a VAE with learned queries "
+                         "already emits its tokens in a fixed order: use order='fps' (as emitted)")
     names, images, queries, lr, hr, pending = [], [], [], [], [], []
     device = next(vae.parameters()).device  # encode where the VAE is; the cache is kept on the CPU
 

@@ -127,8 +127,18 @@ class VAETask:
 
     def build_model(self) -> PyramidVAE:
         model = PyramidVAE(self.model_cfg)
-        if self.cfg.vae_dir:  # fine-tune: start from this VAE's weights (its config may differ in training knobs only)
-            model.load_state_dict(load_model(self.cfg.vae_dir, "vae").state_dict())
+        if not self.cfg.vae_dir:
+            return model
+        # fine-tune: start from this VAE's weights (its config may differ in training knobs, or in its queries)
+        start = load_model(self.cfg.vae_dir, "vae")
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        if unexpected or set(missing) - {"hr_queries", "lr_queries"}:
+            raise ValueError(f"{self.cfg.vae_dir}: not a VAE to fine-tune from (missing {missing}, unexpected {unexpected})")
+        if missing:  # FPS queries → learned ones: query i starts at anchor i of the training shapes' query points
+            from .token_order import fit_anchors
+
+            queries = self.train.surface[:, : self.model_cfg.hr_tokens, :3].numpy()
+            model.place_queries(fit_anchors(queries), fit_anchors(queries[:, : self.model_cfg.lr_tokens]))
         return model
 
     def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:

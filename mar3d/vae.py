@@ -35,6 +35,11 @@ class VAEConfig:
     out_bias: float = -1.0    # initial logit: most of the box is empty
     latent_noise: float = 0.0  # training only: decode latents + U(0, latent_noise)·std(latents)·ε, so that
                                # tokens a little wrong decode to a shape a little wrong (0 = off)
+    queries: str = "fps"      # "fps": token i is queried at the i-th FPS surface point (DESIGN §3); "learned":
+                              # one learned query per token index (3DShape2VecSet's other variant), so index i
+                              # is the same slot on every shape and the tokens vary smoothly with the shape
+    latent_shrink: float = 0.0  # training only: first pull the latents towards their channel means by a factor
+                                # a ~ U(1 − latent_shrink, 1), as a regression towards the mean does (0 = off)
 
     def level_sizes(self, tokens: str) -> list[int]:
         """Point counts of the K levels used for the 'hr' or 'lr' token set."""
@@ -67,6 +72,11 @@ class PyramidVAE(nn.Module):
 
         self.apply(init_weights)
         nn.init.constant_(self.to_logit.bias, cfg.out_bias)
+        if cfg.queries == "learned":
+            self.hr_queries = nn.Parameter(0.02 * torch.randn(cfg.hr_tokens, D))
+            self.lr_queries = nn.Parameter(0.02 * torch.randn(cfg.lr_tokens, D))
+        elif cfg.queries != "fps":
+            raise ValueError(f"unknown VAE queries {cfg.queries!r} (expected 'fps' or 'learned')")
 
     # ------------------------------------------------------------------- encoding
     def embed_points(self, pts: torch.Tensor) -> torch.Tensor:
@@ -77,12 +87,23 @@ class PyramidVAE(nn.Module):
         sizes = self.cfg.level_sizes(tokens)
         if surface.shape[1] < sizes[0]:
             raise ValueError(f"need {sizes[0]} surface points for '{tokens}' tokens, got {surface.shape[1]}")
-        queries = self.embed_points(surface[:, : self.cfg.num_tokens(tokens)])  # (B, M, D)
+        if self.cfg.queries == "learned":
+            queries = (self.hr_queries if tokens == "hr" else self.lr_queries).expand(surface.shape[0], -1, -1)
+        else:
+            queries = self.embed_points(surface[:, : self.cfg.num_tokens(tokens)])  # (B, M, D)
         x = sum(block(queries, self.embed_points(surface[:, :n])) for block, n in zip(self.level_attn, sizes))
         for block in self.encoder:
             x = block(x)  # (B, M, D)
         mean, logvar = self.to_moments(x).chunk(2, dim=-1)  # (B, M, C) each
         return mean, logvar.clamp(-30.0, 20.0)
+
+    @torch.no_grad()
+    def place_queries(self, hr_points: torch.Tensor, lr_points: torch.Tensor) -> None:
+        """Learned queries only: set them to the point embedding of fixed positions (M, 3) (normals 0),
+        e.g. anchors of where an FPS VAE queries, so that fine-tuning starts near that VAE."""
+        for param, pts in ((self.hr_queries, hr_points), (self.lr_queries, lr_points)):
+            pts = torch.as_tensor(pts, dtype=param.dtype, device=param.device)
+            param.copy_(self.embed_points(torch.cat([pts, torch.zeros_like(pts)], dim=-1)))
 
     def encode(self, surface: torch.Tensor, tokens: str = "hr", sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -128,8 +149,8 @@ class PyramidVAE(nn.Module):
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
         else:
             latents, kl = mean, mean.new_zeros(())
-        if self.training and self.cfg.latent_noise > 0:
-            latents = noised_latents(latents, self.cfg.latent_noise)
+        if self.training and (self.cfg.latent_noise > 0 or self.cfg.latent_shrink > 0):
+            latents = noised_latents(latents, self.cfg.latent_noise, self.cfg.latent_shrink)
         return self.query(self.decode(latents), points), kl
 
     def loss(self, surface: torch.Tensor, uniform: tuple, near: tuple, tokens: str = "hr") -> tuple[torch.Tensor, dict]:
@@ -143,11 +164,18 @@ class PyramidVAE(nn.Module):
         return loss, {"bce_uniform": bce_u.item(), "bce_near": bce_n.item(), "kl": float(kl)}
 
 
-def noised_latents(latents: torch.Tensor, max_noise: float) -> torch.Tensor:
-    """latents (B, M, C) + s·std(latents)·ε with s ~ U(0, max_noise) per shape. The noise scales with
-    the latents' own spread (not differentiated), so the encoder cannot escape it by growing them."""
-    s = max_noise * torch.rand(latents.shape[0], 1, 1, device=latents.device, dtype=latents.dtype)
-    return latents + s * latents.detach().std() * torch.randn_like(latents)
+def noised_latents(latents: torch.Tensor, max_noise: float, max_shrink: float = 0.0) -> torch.Tensor:
+    """m + a·(latents − m) + s·std(latents)·ε for latents (B, M, C), with a ~ U(1 − max_shrink, 1) and
+    s ~ U(0, max_noise) per shape, m the channel means over the batch. m and std are not differentiated,
+    so the encoder can escape neither the noise (by growing the latents) nor the shrinkage."""
+    shape = (latents.shape[0], 1, 1)
+    std = latents.detach().std()
+    if max_shrink > 0:
+        a = 1 - max_shrink * torch.rand(shape, device=latents.device, dtype=latents.dtype)
+        m = latents.detach().mean(dim=(0, 1), keepdim=True)
+        latents = m + a * (latents - m)
+    s = max_noise * torch.rand(shape, device=latents.device, dtype=latents.dtype)
+    return latents + s * std * torch.randn_like(latents)
 
 
 # ----------------------------------------------------------------------- presets

@@ -46,8 +46,9 @@ def family(name: str) -> str:
 def validation_shapes(work: Path, r: Recipe, count: int, pick: str = "spread", split: str = "validation") -> list[Path]:
     """`count` validation (or test) shapes: "spread" = evenly over the name-sorted list (every
     family), "first" = the first in name order (the first pilots: families aircraft … lamp only)."""
-    chosen = (lambda n: is_held_out(n, r.val_percent)) if split == "test" else \
-        (lambda n: is_validation(n, r.val_percent, r.validation_percent))
+    chosen = {"test": lambda n: is_held_out(n, r.val_percent),
+              "validation": lambda n: is_validation(n, r.val_percent, r.validation_percent),
+              "train": lambda n: not is_held_out(n, r.val_percent + r.validation_percent)}[split]
     files = [f for f in sorted((work / "prepared").glob("*.npz")) if chosen(f.stem)]
     if pick == "first" or count >= len(files):
         return files[:count]
@@ -83,8 +84,9 @@ def main(argv=None) -> None:
     p.add_argument("--label", required=True)
     p.add_argument("--shapes", type=int, default=48)
     p.add_argument("--pick", choices=["spread", "first"], default="spread", help="which validation shapes")
-    p.add_argument("--split", choices=["validation", "test"], default="validation",
-                   help="test: the held-out test split, for a chosen recipe only")
+    p.add_argument("--split", choices=["validation", "test", "train"], default="validation",
+                   help="test: the held-out test split, for a chosen recipe only; train: shapes the "
+                        "models trained on (the generalisation gap)")
     p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
     p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor")
     p.add_argument("--recon-bias", type=float, default=0.0,

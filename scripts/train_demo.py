@@ -187,7 +187,8 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
         return is_held_out(name, left_out(r))  # "<shape>/<view>" splits by its shape
 
     image_size = MAR_PRESETS["tiny"].image_encoder.image_size
-    done(**build_cache(vae, items(), work / "cache", image_size=image_size, order="anchored", held_out=held_out))
+    order = "anchored" if vae.cfg.queries == "fps" else "fps"  # learned queries: already a fixed order
+    done(**build_cache(vae, items(), work / "cache", image_size=image_size, order=order, held_out=held_out))
 
 
 def held_out_shapes(r: Recipe, work: Path) -> list[Path]:

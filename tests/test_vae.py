@@ -117,6 +117,14 @@ def test_latent_noise_scales_with_the_latents_and_only_in_training():
     assert (a - z).abs().max() > 0
     assert torch.equal(noised_latents(z, 0.0), z)
 
+    shrunk = noised_latents(z, 0.0, 0.6)  # shrinkage alone: each shape pulled towards the channel means
+    m = z.mean(dim=(0, 1), keepdim=True)
+    ratio = (shrunk - m) / (z - m)
+    per_shape = ratio.flatten(1)
+    torch.testing.assert_close(per_shape, per_shape[:, :1].expand_as(per_shape))  # one factor a per shape
+    assert ((per_shape[:, 0] >= 0.4 - 1e-6) & (per_shape[:, 0] <= 1 + 1e-6)).all()
+    assert per_shape[:, 0].std() > 0
+
     torch.manual_seed(0)
     noisy = PyramidVAE(dataclasses.replace(MICRO, latent_noise=0.5))
     plain = PyramidVAE(MICRO)
@@ -147,3 +155,53 @@ def test_vae_task_fine_tunes_from_a_given_vae(tmp_path):
     assert model.cfg.latent_noise == 0.3
     for k, v in start.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_learned_queries_make_each_token_index_a_fixed_slot():
+    """FPS queries: reordering the query points reorders the tokens. Learned queries: the tokens are a
+    function of the point set alone, so index i means the same slot on every shape."""
+    torch.manual_seed(0)
+    surface = torch.randn(1, 300, 6)
+    swapped = surface.clone()
+    swapped[:, [0, 5]] = surface[:, [5, 0]]  # two query points (inside every level) trade places
+    fps = PyramidVAE(MICRO).eval()
+    a, b = fps.encode(surface, "hr"), fps.encode(swapped, "hr")
+    torch.testing.assert_close(b[:, [5, 0]], a[:, [0, 5]], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, b)
+    learned = PyramidVAE(dataclasses.replace(MICRO, queries="learned")).eval()
+    assert learned.hr_queries.shape == (MICRO.hr_tokens, MICRO.width)
+    torch.testing.assert_close(learned.encode(surface, "hr"), learned.encode(swapped, "hr"), rtol=1e-4, atol=1e-5)
+    assert learned.encode(surface, "lr").shape == (1, MICRO.lr_tokens, MICRO.latent_dim)
+    with pytest.raises(ValueError, match="unknown VAE queries"):
+        PyramidVAE(dataclasses.replace(MICRO, queries="grid"))
+
+
+def test_fine_tuning_an_fps_vae_into_learned_queries_starts_at_its_anchors(tmp_path):
+    import numpy as np
+
+    from mar3d.cache import build_cache
+    from mar3d.token_order import fit_anchors
+    from mar3d.train import TrainConfig, VAETask
+    from tests.conftest import write_synthetic_shape
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "prepared").mkdir()
+    for i in range(4):
+        write_synthetic_shape(tmp_path / "prepared" / f"s{i}.npz", rng, n_surface=256, n_pool=1024)
+    torch.manual_seed(5)
+    start = PyramidVAE(MICRO)
+    save_model(start, tmp_path / "start", "vae")
+    cfg = TrainConfig(val_percent=0.0, fscore_shapes=0, vae_dir=str(tmp_path / "start"))
+    task = VAETask(dataclasses.replace(MICRO, queries="learned"), cfg, tmp_path / "prepared")
+    model = task.build_model()
+    for k, v in start.state_dict().items():  # every shared weight carried over
+        assert torch.equal(v, model.state_dict()[k]), k
+    anchors = fit_anchors(task.train.surface[:, : MICRO.hr_tokens, :3].numpy())
+    expected = start.embed_points(torch.cat([torch.as_tensor(anchors).float(), torch.zeros(len(anchors), 3)], -1))
+    torch.testing.assert_close(model.hr_queries.detach(), expected.detach())
+    loss, _ = task.loss(model, 0, 2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    loss.backward()
+    assert model.hr_queries.grad.abs().sum() > 0  # the queries train
+    # a cache of a learned-query VAE keeps its order: anchoring its tokens is refused
+    with pytest.raises(ValueError, match="learned queries"):
+        build_cache(model.eval(), iter([]), tmp_path / "cache", image_size=32, order="anchored")
