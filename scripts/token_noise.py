@@ -7,6 +7,8 @@ FPS run from another start point, puts both token sets in anchored order and pri
 normalised mean squared difference: twice the noise no deterministic image → token regression
 can remove. It also encodes with "snapped" queries (the surface point nearest to each anchor, a
 deterministic choice) and prints the unchanged VAE's occupancy IoU with each kind of query.
+A VAE with learned queries (VAEConfig.queries) has no query points: its two token sets are
+compared slot by slot, with --work a cache built by it (for its token scale).
 """
 import argparse, glob, json, sys
 from pathlib import Path
@@ -35,6 +37,7 @@ train_q = np.stack([np.load(f)["surface"][:128, :3] for f in rng.choice(train, 6
 anchors = fit_anchors(train_q)
 pick = [val[i] for i in np.linspace(0, len(val) - 1, args.shapes).astype(int)]
 scale = float(load_cache(Path(args.work) / "cache")[1]["latent_scale"])  # the cache's token normalisation
+# (a VAE with learned queries: pass --work of a cache built with it, for its own scale)
 
 def enc(surface, queries):
     s = torch.from_numpy(surface).float()[None]
@@ -57,6 +60,10 @@ with torch.no_grad():
         d = np.load(f); surf = d["surface"].astype(np.float32)
         # the stored FPS order, and a second FPS run from another start point
         surf2 = surf[fps_order(surf[:, :3], np.random.default_rng(123))]
+        if vae.cfg.queries == "learned":  # no query points: the tokens come in their fixed slots
+            t1 = vae.encode(torch.from_numpy(surf)[None], "hr"); t2 = vae.encode(torch.from_numpy(surf2)[None], "hr")
+            rows.append(dict(name=f.split("/")[-1], mse_fps=((t1 - t2) ** 2).mean().item() / scale**2, iou_fps=iou(t1, d)))
+            continue
         t1 = enc(surf, surf[:128]); t2 = enc(surf2, surf2[:128])
         p1 = anchor_permutation(surf[None, :128, :3], anchors)[0]; p2 = anchor_permutation(surf2[None, :128, :3], anchors)[0]
         a1, a2 = t1[0, p1], t2[0, p2]
