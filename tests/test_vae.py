@@ -137,7 +137,8 @@ def test_latent_noise_scales_with_the_latents_and_only_in_training():
         assert not torch.allclose(noisy(surface, points)[0], plain(surface, points)[0])
 
 
-def test_vae_task_fine_tunes_from_a_given_vae(tmp_path):
+def fine_tune_task(tmp_path, **changes):
+    """A VAETask on four synthetic shapes, to fine-tune a saved MICRO VAE into MICRO with `changes`."""
     import numpy as np
 
     from mar3d.train import TrainConfig, VAETask
@@ -145,13 +146,18 @@ def test_vae_task_fine_tunes_from_a_given_vae(tmp_path):
 
     rng = np.random.default_rng(0)
     (tmp_path / "prepared").mkdir()
-    for i in range(3):
+    for i in range(4):
         write_synthetic_shape(tmp_path / "prepared" / f"s{i}.npz", rng, n_surface=256, n_pool=1024)
     torch.manual_seed(5)
     start = PyramidVAE(MICRO)
     save_model(start, tmp_path / "start", "vae")
     cfg = TrainConfig(val_percent=0.0, fscore_shapes=0, vae_dir=str(tmp_path / "start"))
-    model = VAETask(dataclasses.replace(MICRO, latent_noise=0.3), cfg, tmp_path / "prepared").build_model()
+    return start, VAETask(dataclasses.replace(MICRO, **changes), cfg, tmp_path / "prepared")
+
+
+def test_vae_task_fine_tunes_from_a_given_vae(tmp_path):
+    start, task = fine_tune_task(tmp_path, latent_noise=0.3)
+    model = task.build_model()
     assert model.cfg.latent_noise == 0.3
     for k, v in start.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
@@ -177,22 +183,10 @@ def test_learned_queries_make_each_token_index_a_fixed_slot():
 
 
 def test_fine_tuning_an_fps_vae_into_learned_queries_starts_at_its_anchors(tmp_path):
-    import numpy as np
-
     from mar3d.cache import build_cache
     from mar3d.token_order import fit_anchors
-    from mar3d.train import TrainConfig, VAETask
-    from tests.conftest import write_synthetic_shape
 
-    rng = np.random.default_rng(0)
-    (tmp_path / "prepared").mkdir()
-    for i in range(4):
-        write_synthetic_shape(tmp_path / "prepared" / f"s{i}.npz", rng, n_surface=256, n_pool=1024)
-    torch.manual_seed(5)
-    start = PyramidVAE(MICRO)
-    save_model(start, tmp_path / "start", "vae")
-    cfg = TrainConfig(val_percent=0.0, fscore_shapes=0, vae_dir=str(tmp_path / "start"))
-    task = VAETask(dataclasses.replace(MICRO, queries="learned"), cfg, tmp_path / "prepared")
+    start, task = fine_tune_task(tmp_path, queries="learned")
     model = task.build_model()
     for k, v in start.state_dict().items():  # every shared weight carried over
         assert torch.equal(v, model.state_dict()[k]), k
