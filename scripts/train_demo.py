@@ -72,6 +72,8 @@ class Recipe:
     recon_bce_weight: float = 1.0
     recon_stem: str = "patch"    # the reconstructor ViT's patch embedding: "patch" (linear) or "conv" (conv stack)
     recon_patch: int = 16        # its patch size: 16 → an 8×8 token grid on 128² images, 8 → 16×16
+    recon_layers: int = 4        # its ViT depth (cheap: 65 tokens) ...
+    recon_readout_layers: int = 3  # ... and the readout head's (dear: one query per LR + HR token)
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
     mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     mar_residual: bool = False   # MAR (aligned): model residuals from the reconstructor's token prediction
@@ -152,7 +154,8 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
         cfg = TrainConfig(steps=r.recon_steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
                           val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
                           threads=threads, vae_dir=str(out), queries=r.recon_queries)
-        encoder = ImageEncoderConfig(kind="readout", stem=r.recon_stem, patch_size=r.recon_patch)
+        encoder = ImageEncoderConfig(kind="readout", stem=r.recon_stem, patch_size=r.recon_patch,
+                                     layers=r.recon_layers, readout_layers=r.recon_readout_layers)
         last = train("recon", ReconConfig(bce_weight=r.recon_bce_weight, encoder=encoder), cfg, work, out)
     else:
         steps = r.mar_lr_steps if task == "mar_lr" else r.mar_hr_steps
