@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         name = ply.name.split(".")[0]
         _, gt = ground_truth(work, work / "prepared" / f"{name}.npz")
         pred, gt = normalize_mesh(trimesh.load(ply, force="mesh"))[0], normalize_mesh(gt)[0]
-        extent, gt_extent = np.ptp(pred.bounds, axis=0), np.ptp(gt.bounds, axis=0)
+        extent, gt_extent = pred.extents, gt.extents
         fitted = pred.copy()
         fitted.vertices = (pred.vertices - pred.bounds.mean(0)) * (gt_extent / np.maximum(extent, 1e-6)) + gt.bounds.mean(0)
         plain.append(compare_meshes(pred, gt, n_points=args.points)["fscore@0.05"])

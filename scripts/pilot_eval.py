@@ -130,7 +130,7 @@ def main(argv=None) -> None:
                     tried.append((res.view.iou if res.view else 0.0, res.mesh, res.lr_mesh, score(res.mesh, gt)))
                 except ExtractionError:
                     tried.append((-1.0, None, None, score(None, gt)))
-            iou, hr, lr, hr_score = max(tried, key=lambda c: c[0])
+            _, hr, lr, hr_score = max(tried, key=lambda c: c[0])  # the highest silhouette IoU
             if hr is not None:
                 hr.export(out / f"{npz.stem}.ply")
             row["hr"], row["lr"] = hr_score, score(lr, gt)
