@@ -14,12 +14,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .mar import MAR, MARConfig
-from .single_view import ReconConfig, SingleViewRecon
+from .single_view import ImageOccupancy, OccConfig, ReconConfig, SingleViewRecon
 from .vae import PyramidVAE, VAEConfig
 
 # class name in the json → (model class, config dataclass)
 MODELS: dict[str, tuple[type, type]] = {"PyramidVAE": (PyramidVAE, VAEConfig), "MAR": (MAR, MARConfig),
-                                        "SingleViewRecon": (SingleViewRecon, ReconConfig)}
+                                        "SingleViewRecon": (SingleViewRecon, ReconConfig),
+                                        "ImageOccupancy": (ImageOccupancy, OccConfig)}
 
 
 class CheckpointError(RuntimeError):

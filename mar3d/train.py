@@ -36,7 +36,7 @@ from .cli import add_dataclass_flags, dataclass_from_args, parse_bool
 from .data import ShapeBank, is_held_out, split_files, yaw_matrices
 from .mar import PRESETS as MAR_PRESETS
 from .mar import MAR, MARConfig
-from .single_view import ReconConfig, SingleViewRecon
+from .single_view import ImageOccupancy, OccConfig, ReconConfig, SingleViewRecon
 from .vae import PRESETS as VAE_PRESETS
 from .vae import PyramidVAE, VAEConfig
 
@@ -296,14 +296,12 @@ class ReconTask:
         from .render import Camera
 
         self.cfg = cfg
-        root = Path(data_dir)
+        root = self.data_root = Path(data_dir)
         data, meta = load_cache(root / "cache")
         if not cfg.vae_dir:
             raise ValueError("the recon task needs vae_dir: the VAE whose tokens the cache holds")
         self.vae = load_model(cfg.vae_dir, "vae").requires_grad_(False)
-        self.model_cfg = dataclasses.replace(
-            model_cfg, token_dim=data["hr"].shape[2], latent_shift=meta["latent_shift"], latent_scale=meta["latent_scale"],
-            encoder=dataclasses.replace(model_cfg.encoder, readout_lr=data["lr"].shape[1], readout_hr=data["hr"].shape[1]))
+        self.model_cfg = self.configure(model_cfg, data, meta)
         norm = lambda x: (x - meta["latent_shift"]) / meta["latent_scale"]  # noqa: E731
         self.images, self.lr, self.hr = data["images"], norm(data["lr"]), norm(data["hr"])
         shapes = sorted({n.split("/")[0] for n in meta["names"]})
@@ -318,6 +316,12 @@ class ReconTask:
         self.val_idx = torch.nonzero(held_out).flatten()[:256]
         if len(self.val_idx) == 0:
             self.val_idx = self.train_idx[:8]
+
+    def configure(self, model_cfg: ReconConfig, data: dict, meta: dict) -> ReconConfig:
+        """The model config with what the cache fixes: token shapes and the latent normalisation."""
+        return dataclasses.replace(
+            model_cfg, token_dim=data["hr"].shape[2], latent_shift=meta["latent_shift"], latent_scale=meta["latent_scale"],
+            encoder=dataclasses.replace(model_cfg.encoder, readout_lr=data["lr"].shape[1], readout_hr=data["hr"].shape[1]))
 
     def __len__(self) -> int:
         return len(self.train_idx)
@@ -476,8 +480,77 @@ class VAEDecoderTask(ReconTask):
         return out
 
 
+class OccTask(ReconTask):
+    """Image → occupancy directly (mar3d.single_view.ImageOccupancy), on the recon task's data:
+    the same images, the same occupancy samples in each view's frame, the same held-out BCE (so
+    val_bce compares with the reconstructor's, whose tokens pass through the frozen VAE decoder).
+
+    pixel_aligned: each view's crop camera (mar3d.projection) comes from its render's mask and camera;
+    training looks features up at it, jittered, and fits the camera head to it; held-out BCE is
+    reported at the predicted camera (what a user gets) and at the true one (bce_true_camera)."""
+
+    name = "occ"
+    presets = {"tiny": OccConfig()}
+
+    def configure(self, model_cfg: OccConfig, data: dict, meta: dict) -> OccConfig:
+        cfg = dataclasses.replace(model_cfg, near_weight=self.vae.cfg.near_weight)
+        if not cfg.pixel_aligned:
+            return cfg
+        from PIL import Image
+
+        from .projection import crop_camera
+        from .render import Camera
+
+        root, size = Path(self.data_root), data["images"].shape[1]
+        cams = {}
+        rows = []
+        for name in meta["names"]:
+            shape, view = name.split("/")
+            if shape not in cams:
+                cams[shape] = json.loads((root / "renders" / shape / "cameras.json").read_text())
+            alpha = np.asarray(Image.open(root / "renders" / shape / f"{view}.png"))[..., 3]
+            rows.append(crop_camera(Camera.from_dict(cams[shape][int(view)]), alpha, size=size))
+        self.crop_cameras = torch.from_numpy(np.stack(rows))
+        return dataclasses.replace(cfg, camera_mean=self.crop_cameras.mean(0).tolist(),
+                                   camera_std=self.crop_cameras.std(0).clamp(min=1e-3).tolist())
+
+    def build_model(self) -> ImageOccupancy:
+        return ImageOccupancy(self.model_cfg)
+
+    def losses(self, model, idx: torch.Tensor, generator: torch.Generator, device) -> dict:
+        images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)
+        points, uniform_labels, near_labels = (t.to(device) for t in self.occupancy(idx, self.cfg.queries, generator))
+        n = uniform_labels.shape[1]
+        f = torch.nn.functional.binary_cross_entropy_with_logits
+
+        def bce(logits):
+            logits = logits.float()
+            return f(logits[:, :n], uniform_labels.float()) + self.model_cfg.near_weight * f(logits[:, n:], near_labels.float())
+
+        out = {}
+        if not self.model_cfg.pixel_aligned:
+            logits, _ = model(images, points)
+        else:
+            true = self.crop_cameras[idx].to(device)
+            if model.training:
+                noise = torch.randn(true.shape, generator=generator).to(device)
+                logits, predicted = model(images, points, true + noise * torch.tensor(self.model_cfg.camera_jitter, device=device))
+            else:
+                logits, predicted = model(images, points)
+                out["bce_true_camera"] = bce(model(images, points, true)[0])
+            std = torch.tensor(self.model_cfg.camera_std, device=device)
+            out["camera"] = ((predicted.float() - true) / std).pow(2).mean()
+            out["elevation_err"] = (predicted[:, 0].float() - true[:, 0]).abs().mean()
+        out["bce"] = bce(logits)
+        out["iou"] = occupancy_iou(logits.detach() > 0, torch.cat([uniform_labels, near_labels], 1)).mean()
+        return out
+
+    def total(self, parts: dict) -> torch.Tensor:
+        return parts["bce"] + self.model_cfg.camera_weight * parts.get("camera", 0.0)
+
+
 TASKS = {"vae": VAETask, "mar_lr": MARTask, "mar_hr": MARHRTask, "recon": ReconTask,
-         "vae_decoder": VAEDecoderTask}
+         "vae_decoder": VAEDecoderTask, "occ": OccTask}
 
 
 # --------------------------------------------------------------------------- engine

@@ -88,7 +88,12 @@ def main(argv=None) -> None:
                    help="test: the held-out test split, for a chosen recipe only; train: shapes the "
                         "models trained on (the generalisation gap)")
     p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
-    p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor")
+    p.add_argument("--occ", action="store_true",
+                   help="also score the direct image → occupancy model (occ: pilot O1), extracted like the HR mesh")
+    p.add_argument("--occ-true-camera", action="store_true",
+                   help="with --occ and a pixel-aligned model: also score it looking up at the true crop camera "
+                        "(from the render's camera and mask) instead of its own estimate (row 'occ_true_camera')")
+    p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor (and/or --occ)")
     p.add_argument("--recon-bias", type=float, default=0.0,
                    help="logit added to the reconstructor's occupancy before extraction (> 0: a lower iso-level)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline Settings overrides")
@@ -114,7 +119,8 @@ def main(argv=None) -> None:
         setattr(settings, k, v.lower() in ("1", "true", "yes") if kind is bool else kind(v))
     settings.lr_mesh = True
     pipe = None if args.no_cascade else MAR3DPipeline.from_pretrained(ckpt)
-    recon = load_model(ckpt, "recon") if args.recon or args.no_cascade else None
+    recon = load_model(ckpt, "recon") if args.recon or (args.no_cascade and not args.occ) else None
+    occ = load_model(ckpt, "occ") if args.occ else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
     shard, shards = (int(x) for x in args.shard.split("/"))
@@ -139,8 +145,7 @@ def main(argv=None) -> None:
                 row["hr_best"] = max((c[3] for c in tried), key=lambda m: m["fscore@0.05"])
                 row["hr_first"] = tried[0][3]
         if recon is not None:
-            pre = preprocess_image(image, "auto", settings.foreground_ratio, size=recon.encoder.size)
-            pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+            pixels = condition_pixels(image, settings, recon.encoder.size)
             with torch.no_grad():
                 latents = recon.denormalize(recon(pixels)[1])
             try:
@@ -151,11 +156,46 @@ def main(argv=None) -> None:
             except ExtractionError:
                 mesh = None
             row["recon"] = score(mesh, gt)
+        if occ is not None:
+            row["occ"] = score(occ_mesh(occ, image, settings, out / f"{npz.stem}.occ.ply"), gt)
+            if args.occ_true_camera:
+                row["occ_true_camera"] = score(occ_mesh(occ, image, settings, out / f"{npz.stem}.occ_true.ply",
+                                                        true_camera(work, npz.stem, occ.encoder.size)), gt)
         rows.append(row)
     report(work, slug, rows, {
         "label": args.label, "split": args.split, "shard": args.shard, "pick": args.pick,
         "minutes": round((time.time() - t0) / 60, 1), "recon_bias": args.recon_bias, "candidates": args.candidates,
         "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}})
+
+
+def condition_pixels(image: Path, settings, size: int) -> torch.Tensor:
+    """The image preprocessed as the pipeline does, (1, 3, size, size) in [0, 1]."""
+    pre = preprocess_image(image, "auto", settings.foreground_ratio, size=size)
+    return torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+
+
+def occ_mesh(occ, image: Path, settings, path: Path, camera=None):
+    """The direct occupancy model's mesh of `image` (None if extraction fails), written to `path`;
+    `camera` (5,) replaces a pixel-aligned model's own camera estimate."""
+    fn = occ.occupancy_fn(condition_pixels(image, settings, occ.encoder.size), camera)
+    try:
+        mesh, _ = extract_mesh(fn, resolution=settings.resolution)
+    except ExtractionError:
+        return None
+    mesh.export(path)
+    return mesh
+
+
+def true_camera(work: Path, name: str, size: int) -> torch.Tensor:
+    """View 0's crop camera (mar3d.projection) from its render's camera and mask."""
+    from PIL import Image
+
+    from mar3d.projection import crop_camera
+    from mar3d.render import Camera
+
+    camera = Camera.from_dict(json.loads((work / "renders" / name / "cameras.json").read_text())[0])
+    alpha = np.asarray(Image.open(work / "renders" / name / "0.png"))[..., 3]
+    return torch.from_numpy(crop_camera(camera, alpha, size=size))
 
 
 def slugify(label: str) -> str:
@@ -166,7 +206,7 @@ def report(work: Path, slug: str, rows: list[dict], result: dict) -> None:
     """Write the rows to <work>/pilots/<slug>.json; print and append the summary to results.jsonl."""
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
     result["shapes"] = len(rows)
-    for key in ("hr", "lr", "recon", "hr_first", "hr_best"):
+    for key in ("hr", "lr", "recon", "occ", "occ_true_camera", "hr_first", "hr_best"):
         if rows and key in rows[0]:
             result[key] = summary(rows, key)
     print(json.dumps(result), flush=True)

@@ -39,7 +39,7 @@ from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
 from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
 from mar3d.render import Camera, render_views, rotate_to_view  # noqa: E402
 from mar3d.shapes import build_dataset  # noqa: E402
-from mar3d.single_view import ReconConfig  # noqa: E402
+from mar3d.single_view import OccConfig, ReconConfig  # noqa: E402
 from mar3d.train import TrainConfig, train  # noqa: E402
 from mar3d.vae import PRESETS as VAE_PRESETS  # noqa: E402
 
@@ -74,6 +74,13 @@ class Recipe:
     recon_patch: int = 16        # its patch size: 16 → an 8×8 token grid on 128² images, 8 → 16×16
     recon_layers: int = 4        # its ViT depth (cheap: 65 tokens) ...
     recon_readout_layers: int = 3  # ... and the readout head's (dear: one query per LR + HR token)
+    # pilot O1: image → occupancy directly (mar3d.single_view.ImageOccupancy); 0 steps = none
+    occ_steps: int = 0
+    occ_patch: int = 16
+    occ_layers: int = 8
+    occ_dec_layers: int = 2
+    occ_queries: int = 512
+    occ_pixel: bool = False      # pilot O3: pixel-aligned features at a predicted camera (mar3d.projection)
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
     mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     mar_residual: bool = False   # MAR (aligned): model residuals from the reconstructor's token prediction
@@ -157,6 +164,14 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
         encoder = ImageEncoderConfig(kind="readout", stem=r.recon_stem, patch_size=r.recon_patch,
                                      layers=r.recon_layers, readout_layers=r.recon_readout_layers)
         last = train("recon", ReconConfig(bce_weight=r.recon_bce_weight, encoder=encoder), cfg, work, out)
+    elif task == "occ":
+        if not r.occ_steps:
+            return done(skipped=True)
+        cfg = TrainConfig(steps=r.occ_steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
+                          val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
+                          threads=threads, vae_dir=str(out), queries=r.occ_queries)
+        encoder = ImageEncoderConfig(kind="tiny", stem="conv", patch_size=r.occ_patch, layers=r.occ_layers)
+        last = train("occ", OccConfig(dec_layers=r.occ_dec_layers, encoder=encoder, pixel_aligned=r.occ_pixel), cfg, work, out)
     else:
         steps = r.mar_lr_steps if task == "mar_lr" else r.mar_hr_steps
         cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_lr, min_lr=r.mar_lr / 10,
@@ -282,7 +297,7 @@ def eval_settings():
     return Settings(seed=0, lr_mesh=False, colour=False)
 
 
-STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "recon", "mar_lr", "mar_hr", "eval_image")
+STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "recon", "occ", "mar_lr", "mar_hr", "eval_image")
 
 
 def train_mar_parallel(r: Recipe, work: Path, out: Path) -> None:
