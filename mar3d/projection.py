@@ -58,3 +58,13 @@ def project(points: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
     u = camera[:, 2:3] * x / depth + camera[:, 3:4]
     v = -camera[:, 2:3] * cy / depth + camera[:, 4:5]
     return torch.stack([u, v], -1)
+
+
+def from_view_fit(fit) -> np.ndarray:
+    """The `CAMERA_FIELDS` of a camera recovered by mar3d.colour.fit_view (a ViewFit on the mask of
+    the preprocessed image): a mesh's silhouette fitted to the picture gives the lookups' camera."""
+    half, c = fit.size / 2.0, fit.camera.size / 2.0
+    a = fit.scale * fit.camera.focal / half
+    b_u = (fit.scale * c + fit.offset[0]) / half - 1.0
+    b_v = (fit.scale * c + fit.offset[1]) / half - 1.0
+    return np.array([fit.camera.elevation_deg, fit.camera.distance, a, b_u, b_v], dtype=np.float32)

@@ -93,9 +93,13 @@ def main(argv=None) -> None:
     p.add_argument("--occ-true-camera", action="store_true",
                    help="with --occ and a pixel-aligned model: also score it looking up at the true crop camera "
                         "(from the render's camera and mask) instead of its own estimate (row 'occ_true_camera')")
+    p.add_argument("--occ-refit", type=int, default=0, metavar="N",
+                   help="with --occ and a pixel-aligned model: N rounds of fitting the camera to the input mask "
+                        "with the current mesh (mar3d.colour.fit_view), then re-extracting (row 'occ_refit')")
     p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor (and/or --occ)")
     p.add_argument("--recon-bias", type=float, default=0.0,
-                   help="logit added to the reconstructor's occupancy before extraction (> 0: a lower iso-level)")
+                   help="logit added to the reconstructor's (and --occ model's) occupancy before extraction "
+                        "(> 0: a lower iso-level)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pipeline Settings overrides")
     p.add_argument("--candidates", type=int, default=1,
                    help="cascade samples per shape (seeds seed … seed+N−1); the one whose silhouette best "
@@ -157,10 +161,16 @@ def main(argv=None) -> None:
                 mesh = None
             row["recon"] = score(mesh, gt)
         if occ is not None:
-            row["occ"] = score(occ_mesh(occ, image, settings, out / f"{npz.stem}.occ.ply"), gt)
+            row["occ"] = score(occ_mesh(occ, image, settings, out / f"{npz.stem}.occ.ply", bias=args.recon_bias), gt)
+            if args.occ_refit:
+                mesh, cameras = occ_refit(occ, image, settings, out / f"{npz.stem}.occ_refit.ply", args.occ_refit,
+                                          args.recon_bias)
+                row["occ_refit"] = {**score(mesh, gt), "cameras": cameras}
             if args.occ_true_camera:
-                row["occ_true_camera"] = score(occ_mesh(occ, image, settings, out / f"{npz.stem}.occ_true.ply",
-                                                        true_camera(work, npz.stem, occ.encoder.size)), gt)
+                true = true_camera(work, npz.stem, occ.encoder.size)
+                row["occ_true_camera"] = {**score(occ_mesh(occ, image, settings, out / f"{npz.stem}.occ_true.ply", true,
+                                                                   args.recon_bias), gt),
+                                          "camera": [round(float(x), 3) for x in true]}
         rows.append(row)
     report(work, slug, rows, {
         "label": args.label, "split": args.split, "shard": args.shard, "pick": args.pick,
@@ -174,16 +184,44 @@ def condition_pixels(image: Path, settings, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
 
 
-def occ_mesh(occ, image: Path, settings, path: Path, camera=None):
+def occ_extract(occ, pixels: torch.Tensor, settings, camera=None, bias: float = 0.0):
+    fn = occ.occupancy_fn(pixels, camera)
+    return extract_mesh((lambda q: fn(q) + bias) if bias else fn, resolution=settings.resolution)[0]
+
+
+def occ_mesh(occ, image: Path, settings, path: Path, camera=None, bias: float = 0.0):
     """The direct occupancy model's mesh of `image` (None if extraction fails), written to `path`;
     `camera` (5,) replaces a pixel-aligned model's own camera estimate."""
-    fn = occ.occupancy_fn(condition_pixels(image, settings, occ.encoder.size), camera)
     try:
-        mesh, _ = extract_mesh(fn, resolution=settings.resolution)
+        mesh = occ_extract(occ, condition_pixels(image, settings, occ.encoder.size), settings, camera, bias)
     except ExtractionError:
         return None
     mesh.export(path)
     return mesh
+
+
+def occ_refit(occ, image: Path, settings, path: Path, rounds: int, bias: float = 0.0):
+    """The occupancy model's mesh after `rounds` of: fit the camera to the input mask with the current
+    mesh, extract again looking up at it. Returns (mesh or None, the cameras tried)."""
+    from mar3d.colour import ALPHA_OBJECT, fit_view
+    from mar3d.projection import from_view_fit
+
+    pre = preprocess_image(image, "auto", settings.foreground_ratio, size=occ.encoder.size)
+    mask = np.asarray(pre.rgba)[..., 3] >= ALPHA_OBJECT
+    pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+    camera, cameras, mesh = None, [], None
+    for k in range(rounds + 1):
+        if k:
+            camera = torch.from_numpy(from_view_fit(fit_view(mesh, mask)))
+            cameras.append([round(float(x), 3) for x in camera])
+        try:
+            mesh = occ_extract(occ, pixels, settings, camera, bias)
+        except ExtractionError:
+            mesh = None
+            break
+    if mesh is not None:
+        mesh.export(path)
+    return mesh, cameras
 
 
 def true_camera(work: Path, name: str, size: int) -> torch.Tensor:
@@ -206,7 +244,7 @@ def report(work: Path, slug: str, rows: list[dict], result: dict) -> None:
     """Write the rows to <work>/pilots/<slug>.json; print and append the summary to results.jsonl."""
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
     result["shapes"] = len(rows)
-    for key in ("hr", "lr", "recon", "occ", "occ_true_camera", "hr_first", "hr_best"):
+    for key in ("hr", "lr", "recon", "occ", "occ_refit", "occ_true_camera", "hr_first", "hr_best"):
         if rows and key in rows[0]:
             result[key] = summary(rows, key)
     print(json.dumps(result), flush=True)

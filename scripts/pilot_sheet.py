@@ -1,6 +1,6 @@
 """A contact sheet of a pilot's validation meshes: input render, generated meshes, ground truth.
 
-    python scripts/pilot_sheet.py --work data/demo --pilot p1-aligned --out sheet.png [--count 8] [--kinds recon hr]
+    python scripts/pilot_sheet.py --work data/demo --pilot p1-aligned --out sheet.png [--count 8] [--kinds recon hr occ ...]
 
 Reads the meshes scripts/pilot_eval.py wrote under <work>/pilots/<pilot>/ (<shape>.ply = the HR
 mesh, <shape>.recon.ply = the reconstructor's), renders each grey from the input's elevation in
@@ -25,13 +25,16 @@ from mar3d.evaluate import load_mesh  # noqa: E402
 from mar3d.render import Camera  # noqa: E402
 
 
+SUFFIX = {"hr": ".ply", "recon": ".recon.ply", "occ": ".occ.ply", "occ_refit": ".occ_refit.ply", "occ_true": ".occ_true.ply"}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True)
     p.add_argument("--pilot", required=True, help="folder name under <work>/pilots")
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, default=8)
-    p.add_argument("--kinds", nargs="+", default=["hr"], choices=["hr", "recon"])
+    p.add_argument("--kinds", nargs="+", default=["hr"], choices=sorted(SUFFIX))
     args = p.parse_args(argv)
     work = Path(args.work)
     rows = json.loads((work / "pilots" / f"{args.pilot}.json").read_text())[: args.count]
@@ -41,7 +44,7 @@ def main(argv=None) -> None:
         cam = Camera.from_dict(json.loads((work / "renders" / name / "cameras.json").read_text())[0])
         line = [composite(Image.open(work / "renders" / name / "0.png"))]
         for kind in args.kinds:
-            path = work / "pilots" / args.pilot / (f"{name}.ply" if kind == "hr" else f"{name}.recon.ply")
+            path = work / "pilots" / args.pilot / f"{name}{SUFFIX[kind]}"
             line.append(mesh_tile(load_mesh(str(path)), cam) if path.exists() else Image.new("RGB", (128, 128), "white"))
         line.append(mesh_tile(ground_truth(work, work / "prepared" / f"{name}.npz")[1], cam))
         tiles.append(np.concatenate([np.asarray(t.convert("RGB").resize((128, 128))) for t in line], axis=1))

@@ -148,6 +148,13 @@ def left_out(r: Recipe) -> float:
     return r.val_percent + r.validation_percent
 
 
+def image_task_config(r: Recipe, steps: int, queries: int, out: Path, threads: int) -> TrainConfig:
+    """The recon and occ tasks' training settings: the recon batch and learning rate, the VAE in `out`."""
+    return TrainConfig(steps=steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
+                       val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
+                       threads=threads, vae_dir=str(out), queries=queries)
+
+
 def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -> None:
     done = timed_stage(work, task)
     if task == "vae":
@@ -158,18 +165,14 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
     elif task == "recon":
         if not r.recon_steps:
             return done(skipped=True)
-        cfg = TrainConfig(steps=r.recon_steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
-                          val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
-                          threads=threads, vae_dir=str(out), queries=r.recon_queries)
+        cfg = image_task_config(r, r.recon_steps, r.recon_queries, out, threads)
         encoder = ImageEncoderConfig(kind="readout", stem=r.recon_stem, patch_size=r.recon_patch,
                                      layers=r.recon_layers, readout_layers=r.recon_readout_layers)
         last = train("recon", ReconConfig(bce_weight=r.recon_bce_weight, encoder=encoder), cfg, work, out)
     elif task == "occ":
         if not r.occ_steps:
             return done(skipped=True)
-        cfg = TrainConfig(steps=r.occ_steps, batch_size=r.recon_batch, lr=r.recon_lr, min_lr=r.recon_lr / 10,
-                          val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
-                          threads=threads, vae_dir=str(out), queries=r.occ_queries)
+        cfg = image_task_config(r, r.occ_steps, r.occ_queries, out, threads)
         encoder = ImageEncoderConfig(kind="tiny", stem="conv", patch_size=r.occ_patch, layers=r.occ_layers)
         last = train("occ", OccConfig(dec_layers=r.occ_dec_layers, encoder=encoder, pixel_aligned=r.occ_pixel), cfg, work, out)
     else:

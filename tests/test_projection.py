@@ -36,3 +36,23 @@ def test_projected_points_fill_the_preprocessed_mask(azimuth, elevation, fov):
 def test_crop_camera_refuses_an_empty_mask():
     with pytest.raises(ValueError, match="empty"):
         crop_camera(Camera(0.0, 0.0, 3.0, 40.0, 32), np.zeros((32, 32), np.uint8))
+
+
+def test_a_fitted_view_gives_the_crop_camera():
+    """fit_view on the true mesh and the preprocessed mask recovers the camera: its CAMERA_FIELDS
+    project the mesh where crop_camera's do (within a pixel and a half)."""
+    from mar3d.colour import fit_view
+    from mar3d.projection import from_view_fit
+
+    post = trimesh.creation.box((0.3, 1.2, 0.3), trimesh.transformations.translation_matrix((0.5, 0.6, -0.1)))
+    mesh = trimesh.util.concatenate([trimesh.creation.box((1.4, 0.3, 0.5)), post])
+    camera = Camera(40.0, 25.0, fit_distance(np.linalg.norm(mesh.vertices, axis=1).max(), 40.0), 40.0, 96)
+    rgba = render(mesh, camera, color=(0.7, 0.7, 0.7))
+    size = 64
+    mask = np.asarray(preprocess_image(rgba, "auto", 0.85, size=size).rgba)[..., 3] >= 128
+    view = rotate_mesh_to_view(mesh, camera)
+    fitted = from_view_fit(fit_view(view, mask))
+    assert abs(fitted[0] - 25.0) <= 3.0
+    points = torch.tensor(view.vertices)[None].float()
+    a, b = (project(points, torch.tensor(p)[None])[0].numpy() for p in (fitted, crop_camera(camera, rgba[..., 3], size=size)))
+    assert np.abs(a - b).max() * size / 2 < 1.5

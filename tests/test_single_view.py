@@ -78,9 +78,14 @@ def test_occupancy_is_turned_into_each_views_frame(work):
         np.testing.assert_allclose(points[i].numpy(), rotate_to_view(raw[i], cam), atol=1e-5)
 
 
+def _learning_run(work) -> TrainConfig:
+    """300 steps on the fixture's 12 entries: enough for the micro models to learn them."""
+    return TrainConfig(steps=300, lr=3e-3, batch_size=8, warmup=20, val_percent=0.0, threads=2, queries=256,
+                       vae_dir=str(work / "vae"), log_every=300, eval_every=300, save_every=300)
+
+
 def test_recon_learns_tokens_and_occupancy(work, tmp_path):
-    cfg = TrainConfig(steps=300, lr=3e-3, batch_size=8, warmup=20, val_percent=0.0, threads=2, queries=256,
-                      vae_dir=str(work / "vae"), log_every=300, eval_every=300, save_every=300)
+    cfg = _learning_run(work)
     task = ReconTask(MICRO_RECON, cfg, work)
     torch.manual_seed(0)
     before = task.evaluate(task.build_model().eval(), "cpu")
@@ -98,8 +103,7 @@ def test_image_occupancy_learns_each_views_shape(work, tmp_path, pixel_aligned):
     shape (red disc = sphere, blue square = box); it round-trips through its checkpoint. O3 also
     learns the crop camera of each view (here the discs' and squares' boxes) and looks up at it."""
     config = dataclasses.replace(MICRO_OCC, pixel_aligned=pixel_aligned, pixel_channels=16)
-    cfg = TrainConfig(steps=300, lr=3e-3, batch_size=8, warmup=20, val_percent=0.0, threads=2, queries=256,
-                      vae_dir=str(work / "vae"), log_every=300, eval_every=300, save_every=300)
+    cfg = _learning_run(work)
     task = OccTask(config, cfg, work)
     torch.manual_seed(0)
     before = task.evaluate(task.build_model().eval(), "cpu")
