@@ -303,12 +303,16 @@ class ImageEncoder(nn.Module):
         x = self._resize(images.to(self.mean.dtype))  # (B, 3, S, S), in the module's dtype
         if self.external:
             return self._pretrained_tokens(x)
-        tokens = self.vit(pixel_values=(x - self.mean) / self.std)  # (B, 65, D)
+        tokens = self.vit(pixel_values=self.normalise(x))  # (B, 65, D)
         if not isinstance(tokens, Tensor):  # DINOv2's output object
             tokens = tokens.last_hidden_state
         if self.cfg.kind == "tiny":
             return tokens
         return self.read_out(tokens)[:, self.select]  # (B, num_tokens, D)
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) in [0, 1] -> the tiny ViT's input: resized, ImageNet-normalised."""
+        return (self._resize(images.to(self.mean.dtype)) - self.mean) / self.std
 
     def read_out(self, vit_tokens: Tensor) -> Tensor:
         """Readout features of every query (B, L_lr + L_hr, D): LR queries first, then HR."""

@@ -371,6 +371,15 @@ def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def crop_placement(crop_size: tuple[int, int], size: int, foreground_ratio: float):
+    """Where the mask's box (w, h) goes in the size² output: its new (w, h), scaled so the longer side
+    is `foreground_ratio` of `size`, and the offset of its top-left corner (centred)."""
+    w, h = crop_size
+    scale = size * foreground_ratio / max(w, h)
+    new_size = (min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale))))
+    return new_size, ((size - new_size[0]) // 2, (size - new_size[1]) // 2)
+
+
 def _validate(background, foreground_ratio, size, bg_color) -> None:
     if background not in BACKGROUND_MODES:
         raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {background!r}")
@@ -425,10 +434,7 @@ def preprocess_image(source, background: str = "auto", foreground_ratio: float =
     # Scale the crop straight to its final size and paste it centred (same result as padding
     # to a square then resizing, without building a possibly huge padded canvas).
     crop = rgba.crop(box)
-    w, h = crop.size
-    scale = size * foreground_ratio / max(w, h)
-    new_size = (min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale))))
-    offset = ((size - new_size[0]) // 2, (size - new_size[1]) // 2)
+    new_size, offset = crop_placement(crop.size, size, foreground_ratio)
 
     image = Image.new("RGB", (size, size), bg_color)
     image.paste(_composite(crop, bg_color).resize(new_size, Image.Resampling.LANCZOS), offset)

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from .preprocess import ALPHA_MIN, _mask_bbox
+from .preprocess import ALPHA_MIN, _mask_bbox, crop_placement
 from .render import Camera
 
 CAMERA_FIELDS = ("elevation_deg", "distance", "a", "b_u", "b_v")
@@ -34,11 +34,8 @@ def crop_camera(camera: Camera, alpha: np.ndarray, foreground_ratio: float = 0.8
         raise ValueError("the render's mask is empty")
     size = size or alpha.shape[1]
     x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
-    scale = size * foreground_ratio / max(w, h)
-    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
-    sx, sy = nw / w, nh / h
-    off_x, off_y = (size - nw) // 2, (size - nh) // 2
+    (nw, nh), (off_x, off_y) = crop_placement((x1 - x0, y1 - y0), size, foreground_ratio)
+    sx, sy = nw / (x1 - x0), nh / (y1 - y0)
     half, c = size / 2.0, camera.size / 2.0
     a = camera.focal * (sx + sy) / 2.0 / half
     b_u = ((c - x0) * sx + off_x) / half - 1.0

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .image_encoder import ImageEncoder, ImageEncoderConfig
+from .projection import CAMERA_FIELDS, project
 
 
 @dataclass
@@ -115,9 +116,10 @@ class ImageOccupancy(nn.Module):
                 nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.GroupNorm(1, c), nn.GELU(),
                 nn.Conv2d(c, c, 3, padding=1))
             self.pixel_embed = nn.Linear(c + width, width)
-            self.camera_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(cfg.camera_jitter)))
-            self.register_buffer("camera_mean", torch.tensor(cfg.camera_mean or [0.0] * 5), persistent=False)
-            self.register_buffer("camera_std", torch.tensor(cfg.camera_std or [1.0] * 5), persistent=False)
+            fields = len(CAMERA_FIELDS)
+            self.camera_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, fields))
+            self.register_buffer("camera_mean", torch.tensor(cfg.camera_mean or [0.0] * fields), persistent=False)
+            self.register_buffer("camera_std", torch.tensor(cfg.camera_std or [1.0] * fields), persistent=False)
             parts += [self.pixel_embed, self.camera_head]
         for module in parts:
             module.apply(init_weights)
@@ -131,7 +133,7 @@ class ImageOccupancy(nn.Module):
         if self.cfg.pixel_aligned:
             n = tokens.shape[0]
             side = int(round((tokens.shape[1] - 1) ** 0.5))
-            out["pixels"] = self.pixel_cnn((self.encoder._resize(images.to(tokens.dtype)) - self.encoder.mean) / self.encoder.std)
+            out["pixels"] = self.pixel_cnn(self.encoder.normalise(images))
             out["grid"] = tokens[:, 1:].transpose(1, 2).reshape(n, -1, side, side)
             out["camera"] = self.camera_head(tokens[:, 0]) * self.camera_std + self.camera_mean
         return out
@@ -140,8 +142,6 @@ class ImageOccupancy(nn.Module):
         """Logits (B, Q) at points (B, Q, 3); `camera` (B, 5) overrides the predicted one (training)."""
         q = self.query_embed(self.fourier(points))
         if self.cfg.pixel_aligned:
-            from .projection import project
-
             uv = project(points.float(), (feats["camera"] if camera is None else camera).float())[:, :, None]
             look = lambda m: nn.functional.grid_sample(m, uv.to(m.dtype), align_corners=False)[..., 0]  # noqa: E731
             local = torch.cat([look(feats["pixels"]), look(feats["grid"])], 1).transpose(1, 2)  # (B, Q, C + D)

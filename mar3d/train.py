@@ -535,9 +535,10 @@ class OccTask(ReconTask):
             if model.training:
                 noise = torch.randn(true.shape, generator=generator).to(device)
                 logits, predicted = model(images, points, true + noise * torch.tensor(self.model_cfg.camera_jitter, device=device))
-            else:
-                logits, predicted = model(images, points)
-                out["bce_true_camera"] = bce(model(images, points, true)[0])
+            else:  # held out (no DDP): encode once, query at the predicted and at the true camera
+                feats = model.features(images)
+                logits, predicted = model.query(feats, points), feats["camera"]
+                out["bce_true_camera"] = bce(model.query(feats, points, true))
             std = torch.tensor(self.model_cfg.camera_std, device=device)
             out["camera"] = ((predicted.float() - true) / std).pow(2).mean()
             out["elevation_err"] = (predicted[:, 0].float() - true[:, 0]).abs().mean()

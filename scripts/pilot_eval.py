@@ -178,10 +178,13 @@ def main(argv=None) -> None:
         "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}})
 
 
-def condition_pixels(image: Path, settings, size: int) -> torch.Tensor:
-    """The image preprocessed as the pipeline does, (1, 3, size, size) in [0, 1]."""
+def condition_pixels(image: Path, settings, size: int, with_mask: bool = False):
+    """The image preprocessed as the pipeline does, (1, 3, size, size) in [0, 1] (and its object mask)."""
+    from mar3d.colour import ALPHA_OBJECT
+
     pre = preprocess_image(image, "auto", settings.foreground_ratio, size=size)
-    return torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+    pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+    return (pixels, np.asarray(pre.rgba)[..., 3] >= ALPHA_OBJECT) if with_mask else pixels
 
 
 def occ_extract(occ, pixels: torch.Tensor, settings, camera=None, bias: float = 0.0):
@@ -203,12 +206,10 @@ def occ_mesh(occ, image: Path, settings, path: Path, camera=None, bias: float = 
 def occ_refit(occ, image: Path, settings, path: Path, rounds: int, bias: float = 0.0):
     """The occupancy model's mesh after `rounds` of: fit the camera to the input mask with the current
     mesh, extract again looking up at it. Returns (mesh or None, the cameras tried)."""
-    from mar3d.colour import ALPHA_OBJECT, fit_view
+    from mar3d.colour import fit_view
     from mar3d.projection import from_view_fit
 
-    pre = preprocess_image(image, "auto", settings.foreground_ratio, size=occ.encoder.size)
-    mask = np.asarray(pre.rgba)[..., 3] >= ALPHA_OBJECT
-    pixels = torch.from_numpy(np.array(pre.image)).permute(2, 0, 1)[None].float().div(255)
+    pixels, mask = condition_pixels(image, settings, occ.encoder.size, with_mask=True)
     camera, cameras, mesh = None, [], None
     for k in range(rounds + 1):
         if k:
