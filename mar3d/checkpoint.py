@@ -27,13 +27,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not match its model."""
 
 
-def save_model(model: torch.nn.Module, directory: str | Path, name: str, metadata: dict | None = None) -> None:
-    """Write `<name>.json` and `<name>.safetensors` (atomically: temp file, then rename)."""
+def save_model(model: torch.nn.Module, directory: str | Path, name: str, metadata: dict | None = None,
+               half: bool = False) -> None:
+    """Write `<name>.json` and `<name>.safetensors` (atomically: temp file, then rename).
+
+    half: store the float parameters as float16 (half the file; loading casts them back to the
+    model's dtype). Buffers, such as the diffusion schedule, keep their precision."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     header = {"class": type(model).__name__, "config": dataclasses.asdict(model.cfg), "metadata": metadata or {}}
     skip = _frozen(model)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(skip)}
+    params = {k for k, _ in model.named_parameters()} if half else set()
+    tensors = {k: (v.half() if k in params and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items() if not k.startswith(skip)}
     _atomic(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
     _atomic(directory / f"{name}.json", lambda p: p.write_text(json.dumps(header, indent=2)))
 

@@ -51,6 +51,12 @@ class MARConfig:
     # loaded with its encoder). MAR then starts from the deterministic reconstruction and learns
     # what that leaves out, instead of learning token values from scratch through the diffusion loss.
     residual: bool = False
+    # True: MAR also takes a reference, the normalised tokens (B, L, C) of a retrieved training
+    # shape (mar3d.retrieval: the render with the nearest silhouette). Each index gets
+    # Linear(its reference token) added like an aligned condition, never dropped for CFG; with
+    # `residual` the base is the reference itself, so MAR learns how the pictured shape differs
+    # from the retrieved one.
+    reference: bool = False
     latent_shift: float = 0.0      # token normalisation, set from the training latents
     latent_scale: float = 1.0
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -75,7 +81,7 @@ class MAR(nn.Module):
                                  f"{self.image_encoder.num_tokens}, MAR generates {L}")
             self.prefix_len, self.aligned_len = 1 + cfg.lr_seq_len, L  # [mean image token, LR tokens]
         elif cfg.cond_mode == "prefix":
-            self.prefix_len, self.aligned_len = self.image_encoder.num_tokens + cfg.lr_seq_len, 0
+            self.prefix_len, self.aligned_len = self.image_encoder.num_tokens + cfg.lr_seq_len, L if cfg.reference else 0
         else:
             raise ValueError(f"unknown cond_mode {cfg.cond_mode!r} (expected 'prefix' or 'aligned')")
         # the whole condition (prefix, then the aligned part) and its learned null (CFG)
@@ -95,10 +101,12 @@ class MAR(nn.Module):
         # --------------------------------------------------------------- diffusion head
         self.diffloss = DiffLoss(cfg.token_dim, W, cfg.diff_width, cfg.diff_depth, cfg.diff_train_steps)
         self.aux_head = nn.Linear(W, cfg.token_dim) if cfg.aux_weight > 0 else None  # training only
+        self.ref_proj = nn.Linear(cfg.token_dim, W) if cfg.reference else None
         self.base_head = None
-        if cfg.residual:
+        if cfg.residual and not cfg.reference:
             if cfg.cond_mode != "aligned":
-                raise ValueError("residual needs cond_mode='aligned' (one image token per generated index)")
+                raise ValueError("residual needs cond_mode='aligned' (one image token per generated index) "
+                                 "or a reference")
             self.base_head = nn.Linear(self.image_encoder.dim, cfg.token_dim).requires_grad_(False)
 
         for name, module in self.named_modules():
@@ -119,11 +127,23 @@ class MAR(nn.Module):
         return tokens * self.cfg.latent_scale + self.cfg.latent_shift
 
     # ------------------------------------------------------------------- condition
-    def base(self, image_tokens: torch.Tensor) -> torch.Tensor | None:
+    def base(self, image_tokens: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor | None:
         """The base prediction (B, L, C) the diffusion head's targets are residuals from (None: no residual)."""
+        if self.cfg.residual and self.cfg.reference:
+            return reference
         if self.base_head is None:
             return None
         return self.base_head(image_tokens.to(self.base_head.weight.dtype))
+
+    def with_reference(self, cond: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """`cond` with Linear(reference token) added to each index's part (a no-op without `cfg.reference`)."""
+        if self.ref_proj is None:
+            return cond
+        if reference is None or reference.shape[1:] != (self.cfg.seq_len, self.cfg.token_dim):
+            raise ValueError(f"this MAR needs a reference of ({self.cfg.seq_len}, {self.cfg.token_dim}) tokens per "
+                             f"image, got {None if reference is None else tuple(reference.shape)}")
+        aligned = cond[:, self.prefix_len:] + self.ref_proj(reference.to(self.ref_proj.weight.dtype))
+        return torch.cat([cond[:, : self.prefix_len], aligned], dim=1)
 
     def condition(self, images: torch.Tensor | None, lr_tokens: torch.Tensor | None = None, aug_t: float | None = None,
                   generator: torch.Generator | None = None, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,8 +157,10 @@ class MAR(nn.Module):
             image_tokens = self.image_encoder(images)
         prefix = self.image_proj(image_tokens.to(self.image_proj.weight.dtype))  # (B, T_img, W)
         aligned = prefix[:, :0]
-        if self.aligned_len:  # (B, L, W) per index; the prefix keeps their mean
+        if self.cfg.cond_mode == "aligned":  # (B, L, W) per index; the prefix keeps their mean
             aligned, prefix = prefix, prefix.mean(1, keepdim=True)
+        elif self.aligned_len:  # prefix mode with a reference: the per-index part holds only the reference
+            aligned = prefix.new_zeros(prefix.shape[0], self.aligned_len, prefix.shape[2])
         if self.lr_proj is None:
             return torch.cat([prefix, aligned], dim=1)
         if lr_tokens is None:
@@ -202,17 +224,19 @@ class MAR(nn.Module):
 
     # ------------------------------------------------------------------- training
     def forward(self, tokens: torch.Tensor, images: torch.Tensor | None, lr_tokens: torch.Tensor | None = None,
-                image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                image_tokens: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Diffusion loss on the masked tokens (+ aux_weight · MSE of the aux regression).
-        tokens (B, L, C) normalised; images (B, 3, H, W), or the encoder's `image_tokens`."""
+        tokens (B, L, C) normalised; images (B, 3, H, W), or the encoder's `image_tokens`;
+        `reference` (B, L, C) normalised, for a MAR with `cfg.reference`."""
         if image_tokens is None:
             image_tokens = self.image_encoder(images)
         prefix = self.condition(None, lr_tokens, image_tokens=image_tokens)  # (B, P, W)
         if self.training:
             prefix = self.drop_condition(prefix)
+        prefix = self.with_reference(prefix, reference)
         mask = self.random_mask(tokens.shape[0], tokens.device)          # (B, L)
         z = self.decode(self.encode(tokens, prefix, mask), mask, prefix)  # (B, L, W)
-        base = self.base(image_tokens)
+        base = self.base(image_tokens, reference)
         target = (tokens if base is None else tokens - base)[mask]      # (N_masked, C)
         z = z[mask]                                                      # (N_masked, W)
         k = self.cfg.diff_batch_mul
@@ -226,8 +250,9 @@ class MAR(nn.Module):
     def sample(self, images: torch.Tensor, lr_tokens: torch.Tensor | None = None, steps: int = 16, cfg: float = 3.0,
                temperature: float = 1.0, diffusion_steps: int = 100, cond_aug_t: float | None = None,
                generator: torch.Generator | None = None,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Normalised tokens (B, L, C) for images (B, 3, H, W) (and normalised LR tokens for MAR-HR).
+               progress: Callable[[int, int], None] | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised tokens (B, L, C) for images (B, 3, H, W) (and normalised LR tokens for MAR-HR,
+        and the normalised reference tokens for a MAR with `cfg.reference`).
 
         Every random draw comes from `generator` (on the images' device): same seed and settings,
         same tokens."""
@@ -235,9 +260,11 @@ class MAR(nn.Module):
         steps = max(1, min(steps, L))
         image_tokens = self.image_encoder(images)
         prefix = self.condition(None, lr_tokens, aug_t=cond_aug_t, generator=generator, image_tokens=image_tokens)
-        base = self.base(image_tokens)  # (B, L, C) or None
+        base = self.base(image_tokens, reference)  # (B, L, C) or None
         if cfg != 1.0:  # conditional and unconditional passes as one batch
             prefix = torch.cat([prefix, self.fake_prefix.expand_as(prefix).to(prefix.dtype)])
+        if self.ref_proj is not None:  # both passes see the reference
+            prefix = self.with_reference(prefix, reference if cfg == 1.0 or reference is None else torch.cat([reference] * 2))
         tokens = torch.zeros(B, L, self.cfg.token_dim, device=device)
         mask = torch.ones(B, L, dtype=torch.bool, device=device)
         order = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)  # random generation order

@@ -26,6 +26,7 @@ from .checkpoint import load_model, save_model
 from .colour import ViewFit, colour_mesh
 from .extract import ExtractionError, extract_mesh
 from .preprocess import BACKGROUND_MODES, PreprocessResult, preprocess_image
+from .retrieval import REFERENCE_FILE, ReferenceIndex
 
 
 @dataclass
@@ -114,19 +115,33 @@ def torch_threads(n: int | None):
 
 
 class MAR3DPipeline:
-    def __init__(self, vae, mar_lr, mar_hr, device: str | torch.device = "cpu"):
+    def __init__(self, vae, mar_lr, mar_hr, device: str | torch.device = "cpu", references: ReferenceIndex | None = None):
         self.device = torch.device(device)
         self.sampling_threads = SAMPLING_THREADS if self.device.type == "cpu" else None
         self.vae, self.mar_lr, self.mar_hr = (m.to(self.device).eval() for m in (vae, mar_lr, mar_hr))
+        if (mar_lr.cfg.reference or mar_hr.cfg.reference) and references is None:
+            raise ValueError("these MARs take a reference shape: pass the ReferenceIndex they were trained with")
+        self.references = references
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> "MAR3DPipeline":
-        """Load vae / mar_lr / mar_hr (json + safetensors each) from one directory."""
-        return cls(*(load_model(directory, name, device) for name in ("vae", "mar_lr", "mar_hr")), device=device)
+        """Load vae / mar_lr / mar_hr (json + safetensors each) from one directory, and the
+        reference index (reference.safetensors) when the MARs take one."""
+        models = [load_model(directory, name, device) for name in ("vae", "mar_lr", "mar_hr")]
+        references = None
+        if models[1].cfg.reference or models[2].cfg.reference:
+            path = Path(directory) / REFERENCE_FILE
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: these MARs take a reference shape and need the index they were "
+                                        f"trained with (scripts/train_demo.py --only reference)")
+            references = ReferenceIndex.load(path)
+        return cls(*models, device=device, references=references)
 
     def save_pretrained(self, directory: str | Path) -> None:
         for name, model in (("vae", self.vae), ("mar_lr", self.mar_lr), ("mar_hr", self.mar_hr)):
             save_model(model, directory, name)
+        if self.references is not None:
+            self.references.save(Path(directory) / REFERENCE_FILE)
 
     @property
     def image_size(self) -> int:
@@ -151,7 +166,9 @@ class MAR3DPipeline:
         seconds["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        lr_latents = self.sample_lr(pixels, s, generator, progress and (lambda i, n: progress("lr", i, n)))
+        references = self.references.lookup(pixels)[:2] if self.references is not None else (None, None)
+        lr_latents = self.sample_lr(pixels, s, generator, progress and (lambda i, n: progress("lr", i, n)),
+                                    reference=references[0])
         seconds["mar_lr"] = time.perf_counter() - t
 
         lr_mesh = None
@@ -168,7 +185,7 @@ class MAR3DPipeline:
 
         t = time.perf_counter()
         hr_latents = self.sample_hr(pixels, lr_latents, s, generator,
-                                    progress and (lambda i, n: progress("hr", i, n)))
+                                    progress and (lambda i, n: progress("hr", i, n)), reference=references[1])
         seconds["mar_hr"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -193,20 +210,25 @@ class MAR3DPipeline:
         return preprocess_image(image, s.background, s.foreground_ratio, size=self.image_size)
 
     def sample_lr(self, pixels: torch.Tensor, s: Settings, generator: torch.Generator,
-                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """MAR-LR: VAE latents (B, L_lr, C) for condition images (B, 3, H, W) in [0, 1]."""
+                  progress: Callable[[int, int], None] | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """MAR-LR: VAE latents (B, L_lr, C) for condition images (B, 3, H, W) in [0, 1] (and the
+        reference shape's LR latents, for a MAR that takes them)."""
+        ref = None if reference is None or not self.mar_lr.cfg.reference else self.mar_lr.normalize(reference)
         with torch_threads(self.sampling_threads):
             lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
-                                    diffusion_steps=s.diffusion_steps, generator=generator, progress=progress)
+                                    diffusion_steps=s.diffusion_steps, generator=generator, progress=progress,
+                                    reference=ref)
         return self.mar_lr.denormalize(lr)
 
     def sample_hr(self, pixels: torch.Tensor, lr_latents: torch.Tensor, s: Settings, generator: torch.Generator,
-                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """MAR-HR: VAE latents (B, L_hr, C) for condition images and their LR latents (B, L_lr, C)."""
+                  progress: Callable[[int, int], None] | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """MAR-HR: VAE latents (B, L_hr, C) for condition images and their LR latents (B, L_lr, C)
+        (and the reference shape's HR latents, for a MAR that takes them)."""
+        ref = None if reference is None or not self.mar_hr.cfg.reference else self.mar_hr.normalize(reference)
         with torch_threads(self.sampling_threads):
             hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
                                     temperature=s.temperature, diffusion_steps=s.diffusion_steps,
-                                    cond_aug_t=s.cond_aug_t, generator=generator, progress=progress)
+                                    cond_aug_t=s.cond_aug_t, generator=generator, progress=progress, reference=ref)
         return self.mar_hr.denormalize(hr)
 
     def extract(self, latents: torch.Tensor, s: Settings, resolution: int | None = None) -> trimesh.Trimesh:

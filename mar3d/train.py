@@ -229,6 +229,9 @@ class MARTask:
             self.recon = load_model(cfg.init_encoder, "recon")
             self.model_cfg = dataclasses.replace(self.model_cfg, image_encoder=self.recon.encoder_config(self.stage))
         self.features = None  # a frozen encoder's output for every entry, computed once in build_model
+        self.reference_idx = None
+        if self.model_cfg.reference:  # each entry's reference: the nearest training render of another shape
+            self.reference_idx = reference_indices(self.images, meta["names"], self.train_idx)
 
     def __len__(self) -> int:
         return len(self.train_idx)
@@ -257,11 +260,13 @@ class MARTask:
         return torch.cat(out)
 
     def batch(self, idx: torch.Tensor, device) -> tuple:
+        """MAR's arguments for entries `idx`: tokens, images (or None), LR tokens, features, reference."""
         lr = self.lr[idx].to(device) if self.stage == "hr" else None
+        ref = self.tokens[self.reference_idx[idx]].to(device) if self.reference_idx is not None else None
         if self.features is not None:
-            return self.tokens[idx].to(device), None, lr, self.features[idx].to(device)
+            return self.tokens[idx].to(device), None, lr, self.features[idx].to(device), ref
         images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)  # (B, 3, H, W)
-        return self.tokens[idx].to(device), images, lr, None
+        return self.tokens[idx].to(device), images, lr, None, ref
 
     def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:
         idx = self.train_idx[torch.randint(len(self.train_idx), (batch_size,), generator=generator)]
@@ -276,6 +281,17 @@ class MARTask:
             losses = [model(*self.batch(idx[s: s + 16], device)).item() for s in range(0, len(idx), 16)]
             out[f"{split}_loss"] = round(sum(losses) / len(losses), 5)
         return out
+
+
+def reference_indices(images: torch.Tensor, names: list[str], train_idx: torch.Tensor) -> torch.Tensor:
+    """For each cache entry (images (N, H, W, 3) uint8, names "shape/view"), the index of the
+    training entry of another shape with the nearest silhouette (mar3d.retrieval)."""
+    from .retrieval import nearest, silhouettes
+
+    shapes = {n: i for i, n in enumerate(sorted({n.split("/")[0] for n in names}))}
+    group = torch.tensor([shapes[n.split("/")[0]] for n in names])
+    masks = torch.cat([silhouettes(images[s: s + 512]) for s in range(0, len(images), 512)])
+    return train_idx[nearest(masks, masks[train_idx], group, group[train_idx])]
 
 
 class MARHRTask(MARTask):

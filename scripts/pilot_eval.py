@@ -96,7 +96,10 @@ def main(argv=None) -> None:
     p.add_argument("--occ-refit", type=int, default=0, metavar="N",
                    help="with --occ and a pixel-aligned model: N rounds of fitting the camera to the input mask "
                         "with the current mesh (mar3d.colour.fit_view), then re-extracting (row 'occ_refit')")
-    p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor (and/or --occ)")
+    p.add_argument("--reference", action="store_true",
+                   help="also score the retrieved reference shape alone: the HR tokens of the training render with "
+                        "the nearest silhouette (mar3d.retrieval, the ckpt's reference.safetensors), decoded")
+    p.add_argument("--no-cascade", action="store_true", help="score only the reconstructor (and/or --occ, --reference)")
     p.add_argument("--recon-bias", type=float, default=0.0,
                    help="logit added to the reconstructor's (and --occ model's) occupancy before extraction "
                         "(> 0: a lower iso-level)")
@@ -123,7 +126,12 @@ def main(argv=None) -> None:
         setattr(settings, k, v.lower() in ("1", "true", "yes") if kind is bool else kind(v))
     settings.lr_mesh = True
     pipe = None if args.no_cascade else MAR3DPipeline.from_pretrained(ckpt)
-    recon = load_model(ckpt, "recon") if args.recon or (args.no_cascade and not args.occ) else None
+    recon = load_model(ckpt, "recon") if args.recon or (args.no_cascade and not (args.occ or args.reference)) else None
+    references = None
+    if args.reference:
+        from mar3d.retrieval import REFERENCE_FILE, ReferenceIndex
+
+        references = pipe.references if pipe and pipe.references else ReferenceIndex.load(ckpt / REFERENCE_FILE)
     occ = load_model(ckpt, "occ") if args.occ else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
@@ -148,6 +156,14 @@ def main(argv=None) -> None:
                 row["candidates"] = [{"iou": round(c[0], 4), "fscore@0.05": c[3]["fscore@0.05"]} for c in tried]
                 row["hr_best"] = max((c[3] for c in tried), key=lambda m: m["fscore@0.05"])
                 row["hr_first"] = tried[0][3]
+        if references is not None:
+            _, hr, idx = references.lookup(condition_pixels(image, settings, REFERENCE_IMAGE_SIZE))
+            try:
+                mesh, _ = extract_mesh(vae.occupancy_fn(hr), resolution=settings.resolution)
+                mesh.export(out / f"{npz.stem}.reference.ply")
+            except ExtractionError:
+                mesh = None
+            row["reference"] = {**score(mesh, gt), "entry": int(idx[0])}
         if recon is not None:
             pixels = condition_pixels(image, settings, recon.encoder.size)
             with torch.no_grad():
@@ -176,6 +192,9 @@ def main(argv=None) -> None:
         "label": args.label, "split": args.split, "shard": args.shard, "pick": args.pick,
         "minutes": round((time.time() - t0) / 60, 1), "recon_bias": args.recon_bias, "candidates": args.candidates,
         "settings": {k: getattr(settings, k) for k in ("temperature", "cfg_lr", "cfg_hr", "cond_aug_t")}})
+
+
+REFERENCE_IMAGE_SIZE = 128  # the cache's images, which the reference index was built from
 
 
 def condition_pixels(image: Path, settings, size: int, with_mask: bool = False):
@@ -245,7 +264,7 @@ def report(work: Path, slug: str, rows: list[dict], result: dict) -> None:
     """Write the rows to <work>/pilots/<slug>.json; print and append the summary to results.jsonl."""
     (work / "pilots" / f"{slug}.json").write_text(json.dumps(rows, indent=1))
     result["shapes"] = len(rows)
-    for key in ("hr", "lr", "recon", "occ", "occ_refit", "occ_true_camera", "hr_first", "hr_best"):
+    for key in ("hr", "lr", "recon", "occ", "occ_refit", "occ_true_camera", "reference", "hr_first", "hr_best"):
         if rows and key in rows[0]:
             result[key] = summary(rows, key)
     print(json.dumps(result), flush=True)

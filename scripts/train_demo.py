@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -84,6 +85,8 @@ class Recipe:
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
     mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     mar_residual: bool = False   # MAR (aligned): model residuals from the reconstructor's token prediction
+    mar_reference: bool = False  # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
+    reference_views: int = 4     # views of each training shape the shipped index keeps (training uses all)
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
     eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
     device: str = "cpu"
@@ -181,7 +184,7 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
                           val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
                           threads=threads, init_encoder=str(out) if r.recon_steps else "")
         preset = dataclasses.replace(MAR_PRESETS["tiny"], aux_weight=r.mar_aux_weight, cond_mode=r.mar_cond_mode,
-                                     residual=r.mar_residual)
+                                     residual=r.mar_residual, reference=r.mar_reference)
         last = train(task, preset, cfg, work / "cache", out)
     done(**last)
 
@@ -212,6 +215,24 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
     done(**build_cache(vae, items(), work / "cache", image_size=image_size, order=order, held_out=held_out))
 
 
+def stage_reference(r: Recipe, work: Path, out: Path) -> None:
+    """The reference index a MAR with `mar_reference` retrieves from at inference (and ships with):
+    the training entries of the cache, the entries MARTask draws references from, less views
+    `reference_views` and above (one view of each shape is a quarter of the size)."""
+    from mar3d.cache import load_cache
+    from mar3d.data import is_held_out
+    from mar3d.retrieval import REFERENCE_FILE, build_index
+
+    done = timed_stage(work, "reference")
+    if not r.mar_reference or (out / REFERENCE_FILE).exists():
+        return done(skipped=True)
+    data, meta = load_cache(work / "cache")
+    keep = torch.tensor([not is_held_out(n, left_out(r)) and int(n.split("/")[1]) < r.reference_views
+                         for n in meta["names"]])
+    build_index(data["images"][keep], data["lr"][keep], data["hr"][keep]).save(out / REFERENCE_FILE)
+    done(entries=int(keep.sum()))
+
+
 def held_out_shapes(r: Recipe, work: Path) -> list[Path]:
     from mar3d.data import is_held_out
 
@@ -233,8 +254,6 @@ def ground_truth(work: Path, npz: Path):
 def stage_eval_vae(r: Recipe, work: Path, out: Path) -> None:
     """VAE reconstruction of each held-out shape from its HR tokens → <work>/eval/vae, scored
     against <work>/eval/gt_shape with mar3d.evaluate. Resumable: existing meshes are kept."""
-    import torch
-
     from mar3d.extract import ExtractionError
 
     done = timed_stage(work, "eval_vae")
@@ -300,7 +319,8 @@ def eval_settings():
     return Settings(seed=0, lr_mesh=False, colour=False)
 
 
-STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "recon", "occ", "mar_lr", "mar_hr", "eval_image")
+STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "reference", "recon", "occ", "mar_lr", "mar_hr",
+          "eval_image")
 
 
 def train_mar_parallel(r: Recipe, work: Path, out: Path) -> None:
@@ -330,6 +350,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     if args.only == "mar":
+        stage_reference(recipe, work, out)
         return train_mar_parallel(recipe, work, out)
     for stage in STAGES if args.only is None else (args.only,):
         if stage == "shapes":
@@ -340,6 +361,8 @@ def main(argv=None) -> None:
             stage_render(recipe, work)
         elif stage == "cache":
             stage_cache(recipe, work, out)
+        elif stage == "reference":
+            stage_reference(recipe, work, out)
         elif stage == "eval_vae":
             stage_eval_vae(recipe, work, out)
         elif stage == "eval_image":

@@ -79,6 +79,24 @@ def test_checkpoint_round_trip_keeps_nested_encoder_config(tmp_path):
                                mar.sample(x, steps=2, diffusion_steps=5, generator=g()))
 
 
+def test_half_checkpoint_is_half_the_size_and_samples_alike(tmp_path):
+    """save_model(half=True) stores the parameters in float16; the model loads back in float32 and
+    samples what the float32 one does, to float16 precision."""
+    torch.manual_seed(0)
+    mar = MAR(MICRO).eval()
+    save_model(mar, tmp_path / "full", "mar_lr")
+    save_model(mar, tmp_path / "half", "mar_lr", half=True)
+    full, half = ((tmp_path / d / "mar_lr.safetensors").stat().st_size for d in ("full", "half"))
+    assert half < 0.6 * full
+    loaded = load_model(tmp_path / "half", "mar_lr")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x = images()
+    a = mar.sample(x, steps=2, cfg=1.0, diffusion_steps=5, generator=g())
+    b = loaded.sample(x, steps=2, cfg=1.0, diffusion_steps=5, generator=g())
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+
+
 @pytest.mark.slow
 def test_mar_lr_overfits_two_shapes_and_follows_the_image(tiny_cascade):
     root, names = tiny_cascade

@@ -1,0 +1,117 @@
+"""Reference retrieval by silhouette (mar3d.retrieval) and the MAR that takes a reference."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mar3d.checkpoint import save_model
+from mar3d.mar import MAR
+from mar3d.pipeline import MAR3DPipeline
+from mar3d.retrieval import REFERENCE_FILE, ReferenceIndex, build_index, nearest, silhouettes
+from tests.conftest import MICRO_MAR
+
+
+def drawn(kind: str, shift: int = 0, size: int = 128, colour=(90, 60, 30)) -> torch.Tensor:
+    """(H, W, 3) uint8: one dark shape on white."""
+    im = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    box = {"square": (32, 32, 96, 96), "disc": (24, 24, 104, 104), "bar": (56, 8, 72, 120)}[kind]
+    box = (box[0] + shift, box[1], box[2] + shift, box[3])
+    (d.ellipse if kind == "disc" else d.rectangle)(box, fill=colour)
+    return torch.from_numpy(np.array(im))
+
+
+def test_silhouettes_measure_the_object_in_either_layout():
+    im = torch.full((1, 128, 128, 3), 255, dtype=torch.uint8)
+    im[0, 32:96, 48:80] = torch.tensor([200, 10, 10], dtype=torch.uint8)  # 64 × 32 px: 1/8 of the image
+    sil = silhouettes(im)
+    assert sil.shape == (1, 64 * 64)
+    assert sil.sum().item() / sil.shape[1] == pytest.approx(1 / 8)
+    torch.testing.assert_close(silhouettes(im.permute(0, 3, 1, 2).float() / 255), sil)
+    im[0, 0, 0] = 250  # near-white counts as background
+    torch.testing.assert_close(silhouettes(im), sil)
+    with pytest.raises(ValueError, match="pool"):
+        silhouettes(torch.zeros(1, 100, 100, 3, dtype=torch.uint8))
+
+
+def test_nearest_finds_the_outline_and_skips_the_querys_own_shape():
+    keys = silhouettes(torch.stack([drawn("square"), drawn("disc"), drawn("bar")]))
+    query = silhouettes(torch.stack([drawn("disc", shift=6, colour=(20, 120, 200)), drawn("bar", shift=-6)]))
+    assert nearest(query, keys).tolist() == [1, 2]
+    # the disc key belongs to query 0's own shape: the next outline (the square) is its reference
+    assert nearest(query, keys, torch.tensor([7, 8]), torch.tensor([0, 7, 2])).tolist() == [0, 2]
+
+
+def test_reference_index_round_trip_and_lookup(tmp_path):
+    images = torch.stack([drawn("square"), drawn("disc"), drawn("bar")])
+    lr, hr = torch.randn(3, 8, 8), torch.randn(3, 32, 8)
+    index = build_index(images, lr, hr)
+    index.save(tmp_path / REFERENCE_FILE)
+    loaded = ReferenceIndex.load(tmp_path / REFERENCE_FILE)
+    assert torch.equal(loaded.dark, index.dark) and torch.equal(loaded.masks, index.masks)
+    pixels = torch.stack([drawn("bar", shift=5), drawn("square", shift=-3)]).permute(0, 3, 1, 2).float() / 255
+    got_lr, got_hr, idx = loaded.lookup(pixels)
+    assert idx.tolist() == [2, 0]
+    # int8 storage: within half a step (max |x| / 254 per channel) of the latents
+    for got, full in ((got_lr, lr), (got_hr, hr)):
+        step = full.abs().flatten(0, 1).amax(0) / 127
+        assert ((got - full[[2, 0]]).abs() <= step / 2 + 1e-3).all()
+    with pytest.raises(ValueError, match="as many masks"):
+        ReferenceIndex(index.dark, lr[:2], hr)
+
+
+def train_micro(cfg, tokens, reference, steps=150):
+    torch.manual_seed(0)
+    mar = MAR(cfg)
+    opt = torch.optim.AdamW(mar.parameters(), lr=3e-3)
+    images = torch.rand(len(tokens), 3, 32, 32)
+    for _ in range(steps):
+        opt.zero_grad()
+        mar(tokens, images, reference=reference).backward()
+        opt.step()
+    return mar.eval(), images
+
+
+def test_mar_learns_to_follow_its_reference():
+    """Tokens are their reference plus a little noise, and the image says nothing about them:
+    after a short training the loss with each entry's own reference is well below the loss with
+    another entry's, for the reference-conditioned MAR with and without the residual base."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(16, 8, 8, generator=g)
+    reference = tokens + 0.1 * torch.randn(16, 8, 8, generator=g)
+    shuffled = reference.roll(1, dims=0)
+    for residual in (False, True):
+        cfg = dataclasses.replace(MICRO_MAR, reference=True, residual=residual, cond_drop=0.0)
+        mar, images = train_micro(cfg, tokens, reference)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            own = mar(tokens, images, reference=reference).item()
+            torch.manual_seed(0)
+            other = mar(tokens, images, reference=shuffled).item()
+        print(f"residual={residual}: loss own reference {own:.3f}, shuffled {other:.3f}")
+        assert own < 0.5 * other
+    # the residual MAR samples close to its reference (its base), far closer than the tokens' spread
+    out = mar.sample(images, steps=4, cfg=1.0, diffusion_steps=10, reference=reference,
+                     generator=torch.Generator().manual_seed(0))
+    assert (out - reference).pow(2).mean() < 0.3 * tokens.var()
+    with pytest.raises(ValueError, match="reference"):
+        mar.sample(images, steps=2, diffusion_steps=2)
+
+
+def test_pipeline_needs_the_reference_index_of_its_mars(tmp_path):
+    from mar3d.vae import PRESETS as VAE_PRESETS
+    from mar3d.vae import PyramidVAE
+
+    vae_cfg = dataclasses.replace(VAE_PRESETS["tiny"], latent_dim=8)
+    save_model(PyramidVAE(vae_cfg), tmp_path, "vae")
+    save_model(MAR(dataclasses.replace(MICRO_MAR, reference=True)), tmp_path, "mar_lr")
+    save_model(MAR(dataclasses.replace(MICRO_MAR, seq_len=32, lr_seq_len=8, reference=True)), tmp_path, "mar_hr")
+    with pytest.raises(FileNotFoundError, match=REFERENCE_FILE):
+        MAR3DPipeline.from_pretrained(tmp_path)
+    images = torch.stack([drawn("square", size=32 * 2), drawn("disc", size=64)])
+    build_index(images, torch.randn(2, 8, 8), torch.randn(2, 32, 8)).save(tmp_path / REFERENCE_FILE)
+    pipe = MAR3DPipeline.from_pretrained(tmp_path)
+    assert len(pipe.references.masks) == 2
