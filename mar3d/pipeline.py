@@ -40,7 +40,9 @@ class Settings:
     hr_steps: int = 16              # MAR-HR sampling steps (≤ HR tokens)
     cfg_lr: float = 3.0             # classifier-free guidance of MAR-LR (1 = none)
     cfg_hr: float = 3.0
-    temperature: float = 1.0        # scale of the diffusion head's sampling noise
+    # scale of the diffusion head's sampling noise: 0.3 for the shipped checkpoint, whose MARs model
+    # residuals from a retrieved reference shape (validation median F@0.05 0.54 at 0.3, 0.39 at 1.0)
+    temperature: float = 0.3
     diffusion_steps: int = 50       # respaced steps of the diffusion head (1000 in training)
     cond_aug_t: float = 0.5         # MAR-HR's noise level on its LR-token condition
     resolution: int = 128           # marching-cubes cells per axis

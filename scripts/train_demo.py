@@ -56,25 +56,26 @@ class Recipe:
     views: int = 4               # condition renders per shape
     render_size: int = 128
     workers: int = 2
-    # Step budgets of the shipped checkpoint: with data preparation they fill about 2 h 30 min of a
-    # 2-core CPU. (It was trained in pieces, resumed with growing budgets: checkpoints/README.md.)
+    # The shipped checkpoint's recipe (pilot P4 in checkpoints/README.md): the VAE, the single-view
+    # reconstructor R7 whose encoder the MARs take frozen, then residual MARs on the retrieved
+    # reference shape. With data preparation about 3 h of a 2-core CPU, trained in pieces.
     vae_steps: int = 5500
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    mar_lr_steps: int = 3100
-    mar_hr_steps: int = 2250
+    mar_lr_steps: int = 800
+    mar_hr_steps: int = 600
     mar_batch: int = 32
     mar_lr: float = 5e-4
     # the frozen image encoder: single-view reconstruction pretraining (mar3d.single_view); 0 steps = none
-    recon_steps: int = 0
+    recon_steps: int = 3000
     recon_batch: int = 32
     recon_lr: float = 1e-3
-    recon_queries: int = 512     # occupancy samples per shape and step of the BCE through the frozen VAE decoder
+    recon_queries: int = 256     # occupancy samples per shape and step of the BCE through the frozen VAE decoder
     recon_bce_weight: float = 1.0
-    recon_stem: str = "patch"    # the reconstructor ViT's patch embedding: "patch" (linear) or "conv" (conv stack)
+    recon_stem: str = "conv"     # the reconstructor ViT's patch embedding: "patch" (linear) or "conv" (conv stack)
     recon_patch: int = 16        # its patch size: 16 → an 8×8 token grid on 128² images, 8 → 16×16
-    recon_layers: int = 4        # its ViT depth (cheap: 65 tokens) ...
-    recon_readout_layers: int = 3  # ... and the readout head's (dear: one query per LR + HR token)
+    recon_layers: int = 8        # its ViT depth (cheap: 65 tokens) ...
+    recon_readout_layers: int = 1  # ... and the readout head's (dear: one query per LR + HR token)
     # pilot O1: image → occupancy directly (mar3d.single_view.ImageOccupancy); 0 steps = none
     occ_steps: int = 0
     occ_patch: int = 16
@@ -83,10 +84,10 @@ class Recipe:
     occ_queries: int = 512
     occ_pixel: bool = False      # pilot O3: pixel-aligned features at a predicted camera (mar3d.projection)
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
-    mar_cond_mode: str = "prefix"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
-    mar_residual: bool = False   # MAR (aligned): model residuals from the reconstructor's token prediction
-    mar_reference: bool = False  # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
-    reference_views: int = 4     # views of each training shape the shipped index keeps (training uses all)
+    mar_cond_mode: str = "aligned"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
+    mar_residual: bool = True    # MAR: model residuals from a base (the reference, else the reconstructor's tokens)
+    mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
+    reference_views: int = 1     # views of each training shape the shipped index keeps (training uses all 4)
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
     eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
     device: str = "cpu"
