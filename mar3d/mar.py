@@ -261,14 +261,14 @@ class MAR(nn.Module):
         image_tokens = self.image_encoder(images)
         prefix = self.condition(None, lr_tokens, aug_t=cond_aug_t, generator=generator, image_tokens=image_tokens)
         base = self.base(image_tokens, reference)  # (B, L, C) or None
+        both = (lambda t: torch.cat([t, t])) if cfg != 1.0 else (lambda t: t)  # noqa: E731 (cond; uncond)
         if cfg != 1.0:  # conditional and unconditional passes as one batch
             prefix = torch.cat([prefix, self.fake_prefix.expand_as(prefix).to(prefix.dtype)])
         if self.ref_proj is not None:  # both passes see the reference
-            prefix = self.with_reference(prefix, reference if cfg == 1.0 or reference is None else torch.cat([reference] * 2))
+            prefix = self.with_reference(prefix, None if reference is None else both(reference))
         tokens = torch.zeros(B, L, self.cfg.token_dim, device=device)
         mask = torch.ones(B, L, dtype=torch.bool, device=device)
         order = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)  # random generation order
-        both = (lambda t: torch.cat([t, t])) if cfg != 1.0 else (lambda t: t)  # noqa: E731 (cond; uncond)
         done = 0
         for step, count in enumerate(tokens_per_step(L, steps)):
             z = self.decode(self.encode(both(tokens), prefix, both(mask)), both(mask), prefix)  # (B or 2B, L, W)

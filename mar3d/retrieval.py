@@ -33,11 +33,13 @@ def silhouettes(images: torch.Tensor, size: int = MASK_SIZE) -> torch.Tensor:
     return pool(images.min(dim=1).values < WHITE / 255, size)
 
 
-def pool(dark: torch.Tensor, size: int = MASK_SIZE) -> torch.Tensor:
-    """(B, size²): object masks (B, H, W) bool averaged onto a size² grid."""
+def pool(dark: torch.Tensor, size: int = MASK_SIZE, chunk: int = 512) -> torch.Tensor:
+    """(B, size²): object masks (B, H, W) bool averaged onto a size² grid (`chunk` masks at a time,
+    so that a whole cache's worth never exists as floats at full size)."""
     if dark.shape[-1] % size or dark.shape[-2] % size:
         raise ValueError(f"images of {tuple(dark.shape[-2:])} do not pool to {size}²")
-    return F.adaptive_avg_pool2d(dark[:, None].float(), size).flatten(1)
+    return torch.cat([F.adaptive_avg_pool2d(dark[s: s + chunk, None].float(), size).flatten(1)
+                      for s in range(0, len(dark), chunk)])
 
 
 def silhouette_iou(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,7 @@ class ReferenceIndex:
         if not (len(self.dark) == len(self.lr) == len(self.hr)) or len(self.dark) == 0:
             raise ValueError(f"a reference index needs as many masks as latents, and some: "
                              f"{len(self.dark)} / {len(self.lr)} / {len(self.hr)}")
-        self.masks = torch.cat([pool(self.dark[s: s + 512]) for s in range(0, len(self.dark), 512)])  # (N, D)
+        self.masks = pool(self.dark)  # (N, D)
 
     def lookup(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For condition images (B, 3, H, W) in [0, 1]: the nearest entries' LR and HR latents

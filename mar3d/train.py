@@ -290,7 +290,7 @@ def reference_indices(images: torch.Tensor, names: list[str], train_idx: torch.T
 
     shapes = {n: i for i, n in enumerate(sorted({n.split("/")[0] for n in names}))}
     group = torch.tensor([shapes[n.split("/")[0]] for n in names])
-    masks = torch.cat([silhouettes(images[s: s + 512]) for s in range(0, len(images), 512)])
+    masks = silhouettes(images)
     return train_idx[nearest(masks, masks[train_idx], group, group[train_idx])]
 
 
