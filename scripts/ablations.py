@@ -229,8 +229,8 @@ class MARDirectTask(MARTask):
         self.model_cfg = dataclasses.replace(self.model_cfg, lr_seq_len=0)
 
     def batch(self, idx: torch.Tensor, device) -> tuple:
-        tokens, images, _, features = super().batch(idx, device)
-        return tokens, images, None, features
+        tokens, images, _, features, reference = super().batch(idx, device)
+        return tokens, images, None, features, reference
 
 
 TASKS.setdefault("mar_direct", MARDirectTask)
