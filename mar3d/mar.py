@@ -250,9 +250,11 @@ class MAR(nn.Module):
     def sample(self, images: torch.Tensor, lr_tokens: torch.Tensor | None = None, steps: int = 16, cfg: float = 3.0,
                temperature: float = 1.0, diffusion_steps: int = 100, cond_aug_t: float | None = None,
                generator: torch.Generator | None = None,
-               progress: Callable[[int, int], None] | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+               progress: Callable[[int, int], None] | None = None, reference: torch.Tensor | None = None,
+               residual_scale: float = 1.0) -> torch.Tensor:
         """Normalised tokens (B, L, C) for images (B, 3, H, W) (and normalised LR tokens for MAR-HR,
-        and the normalised reference tokens for a MAR with `cfg.reference`).
+        and the normalised reference tokens for a MAR with `cfg.reference`). A residual MAR adds
+        `residual_scale` × each sampled residual to its base (0: the base itself).
 
         Every random draw comes from `generator` (on the images' device): same seed and settings,
         same tokens."""
@@ -278,7 +280,7 @@ class MAR(nn.Module):
             scale = cfg_scale_at(cfg, L - done, L)  # guidance grows as tokens are decoded
             new = self.diffloss.sample(z[both(pick)], temperature, scale, diffusion_steps, generator)
             if base is not None:
-                new = new + base[pick]
+                new = residual_scale * new + base[pick]
             tokens[pick] = new.to(tokens.dtype)
             mask = mask & ~pick
             if progress is not None:

@@ -43,6 +43,7 @@ class Settings:
     # scale of the diffusion head's sampling noise: 0.3 for the shipped checkpoint, whose MARs model
     # residuals from a retrieved reference shape (validation median F@0.05 0.54 at 0.3, 0.39 at 1.0)
     temperature: float = 0.3
+    residual_scale: float = 1.0     # a residual MAR's sampled residual × this, added to its base (0: the base)
     diffusion_steps: int = 50       # respaced steps of the diffusion head (1000 in training)
     cond_aug_t: float = 0.5         # MAR-HR's noise level on its LR-token condition
     resolution: int = 128           # marching-cubes cells per axis
@@ -69,7 +70,8 @@ class Settings:
         if self.background not in BACKGROUND_MODES:
             bad("background", f"one of {BACKGROUND_MODES}")
         for name, lo, hi in (("foreground_ratio", 0.1, 1.0), ("cfg_lr", 0.0, None), ("cfg_hr", 0.0, None),
-                             ("temperature", 0.0, None), ("cond_aug_t", 0.0, 1.0)):
+                             ("temperature", 0.0, None), ("cond_aug_t", 0.0, 1.0),
+                             ("residual_scale", 0.0, 1.0)):
             v = getattr(self, name)
             if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < lo
                     or (hi is not None and v > hi)):
@@ -219,7 +221,7 @@ class MAR3DPipeline:
         with torch_threads(self.sampling_threads):
             lr = self.mar_lr.sample(pixels, steps=s.lr_steps, cfg=s.cfg_lr, temperature=s.temperature,
                                     diffusion_steps=s.diffusion_steps, generator=generator, progress=progress,
-                                    reference=ref)
+                                    reference=ref, residual_scale=s.residual_scale)
         return self.mar_lr.denormalize(lr)
 
     def sample_hr(self, pixels: torch.Tensor, lr_latents: torch.Tensor, s: Settings, generator: torch.Generator,
@@ -230,7 +232,8 @@ class MAR3DPipeline:
         with torch_threads(self.sampling_threads):
             hr = self.mar_hr.sample(pixels, self.mar_hr.normalize(lr_latents), steps=s.hr_steps, cfg=s.cfg_hr,
                                     temperature=s.temperature, diffusion_steps=s.diffusion_steps,
-                                    cond_aug_t=s.cond_aug_t, generator=generator, progress=progress, reference=ref)
+                                    cond_aug_t=s.cond_aug_t, generator=generator, progress=progress, reference=ref,
+                                    residual_scale=s.residual_scale)
         return self.mar_hr.denormalize(hr)
 
     def extract(self, latents: torch.Tensor, s: Settings, resolution: int | None = None) -> trimesh.Trimesh:

@@ -97,6 +97,13 @@ def test_mar_learns_to_follow_its_reference():
     out = mar.sample(images, steps=4, cfg=1.0, diffusion_steps=10, reference=reference,
                      generator=torch.Generator().manual_seed(0))
     assert (out - reference).pow(2).mean() < 0.3 * tokens.var()
+    # residual_scale scales what is added to the base: 0 gives the reference; in one step (no
+    # token sees another's draw) 0.5 gives half of each residual
+    def one_step(scale):
+        return mar.sample(images, steps=1, cfg=1.0, diffusion_steps=10, reference=reference,
+                          generator=torch.Generator().manual_seed(0), residual_scale=scale)
+    assert torch.equal(one_step(0.0), reference)
+    assert torch.allclose(one_step(0.5) - reference, 0.5 * (one_step(1.0) - reference), atol=1e-5)
     with pytest.raises(ValueError, match="reference"):
         mar.sample(images, steps=2, diffusion_steps=2)
 
