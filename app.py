@@ -11,7 +11,7 @@ analytics_enabled=False; only `--share` goes online (a gradio.live tunnel), on r
 
 API (gradio_client), endpoint "/generate": image, then the widgets in the order of
 `mar3d.pipeline.Settings` (seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
-temperature, diffusion_steps, cond_aug_t, resolution, target_faces), then export_format;
+temperature, residual_scale, diffusion_steps, cond_aug_t, resolution, target_faces, colour), then export_format;
 returns (processed image, GLB for the viewer, mesh file in export_format, stats dict).
 
 Shareable settings: every widget but the image is mirrored in the page URL's query string
@@ -150,10 +150,11 @@ def stage_progress(stage: str, step: int, total: int) -> tuple[float, str]:
 
 
 def settings_of(seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr, temperature,
-                diffusion_steps, cond_aug_t, resolution, target_faces, colour) -> Settings:
+                residual_scale, diffusion_steps, cond_aug_t, resolution, target_faces, colour) -> Settings:
     return Settings(seed=int(seed), background=background, foreground_ratio=float(foreground_ratio),
                     lr_steps=int(lr_steps), hr_steps=int(hr_steps), cfg_lr=float(cfg_lr), cfg_hr=float(cfg_hr),
-                    temperature=float(temperature), diffusion_steps=int(diffusion_steps),
+                    temperature=float(temperature), residual_scale=float(residual_scale),
+                    diffusion_steps=int(diffusion_steps),
                     cond_aug_t=float(cond_aug_t), resolution=int(resolution),
                     target_faces=int(target_faces), colour=colour, lr_mesh=True)
 
@@ -186,7 +187,8 @@ def cut_out(pipe: MAR3DPipeline, image, background, foreground_ratio):
 
 
 def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
-             temperature, diffusion_steps, cond_aug_t, resolution, target_faces, colour, export_format, cut=None,
+             temperature, residual_scale, diffusion_steps, cond_aug_t, resolution, target_faces, colour, export_format,
+             cut=None,
              progress=gr.Progress()):
     """Widget values → pipeline call. Yields (processed image, viewer GLB, download, stats) twice:
     the LR preview as soon as it exists, then the HR mesh. `cut` is the session's cut-out (cut_out):
@@ -195,7 +197,8 @@ def generate(pipe: MAR3DPipeline, image, seed, background, foreground_ratio, lr_
         raise UserError("Upload an image first (or pick an example).")
     try:
         settings = settings_of(seed, background, foreground_ratio, lr_steps, hr_steps, cfg_lr, cfg_hr,
-                               temperature, diffusion_steps, cond_aug_t, resolution, target_faces, colour)
+                               temperature, residual_scale, diffusion_steps, cond_aug_t, resolution, target_faces,
+                               colour)
         settings.check()
     except ValueError as e:  # a setting out of range (API callers can send anything the widgets accept)
         raise UserError(f"Invalid settings: {e}") from None
@@ -353,6 +356,9 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
                     cfg_lr = gr.Slider(1.0, 10.0, d.cfg_lr, step=0.1, label="CFG scale, MAR-LR", info="1 = no guidance")
                     cfg_hr = gr.Slider(1.0, 10.0, d.cfg_hr, step=0.1, label="CFG scale, MAR-HR")
                     temperature = gr.Slider(0.1, 2.0, d.temperature, step=0.05, label="Temperature")
+                    residual_scale = gr.Slider(0.0, 1.0, d.residual_scale, step=0.05, label="Residual scale",
+                                               info="how far the MARs move from the retrieved reference shape "
+                                                    "(0 = the reference itself)")
                     diffusion_steps = gr.Slider(1, 250, d.diffusion_steps, step=1, precision=0,
                                                 label="Diffusion steps (per token)")
                     cond_aug_t = gr.Slider(0.0, 1.0, d.cond_aug_t, step=0.05,
@@ -376,6 +382,7 @@ def build_demo(pipe: MAR3DPipeline, examples_dir: str | Path | None = None) -> g
         # the URL's query keys.
         widgets = dict(seed=seed, background=background, foreground_ratio=foreground_ratio, lr_steps=lr_steps,
                        hr_steps=hr_steps, cfg_lr=cfg_lr, cfg_hr=cfg_hr, temperature=temperature,
+                       residual_scale=residual_scale,
                        diffusion_steps=diffusion_steps, cond_aug_t=cond_aug_t, resolution=resolution,
                        target_faces=target_faces, colour=colour, export_format=export_format)
         for key, widget in widgets.items():

@@ -58,7 +58,8 @@ def page_defaults(pipe: MAR3DPipeline) -> dict:
     d = Settings()
     return dict(seed=d.seed, background=d.background, foreground_ratio=d.foreground_ratio,
                 lr_steps=min(d.lr_steps, pipe.mar_lr.cfg.seq_len), hr_steps=min(d.hr_steps, pipe.mar_hr.cfg.seq_len),
-                cfg_lr=d.cfg_lr, cfg_hr=d.cfg_hr, temperature=d.temperature, diffusion_steps=d.diffusion_steps,
+                cfg_lr=d.cfg_lr, cfg_hr=d.cfg_hr, temperature=d.temperature, residual_scale=d.residual_scale,
+                diffusion_steps=d.diffusion_steps,
                 cond_aug_t=d.cond_aug_t, resolution=str(d.resolution), target_faces=d.target_faces, colour=d.colour,
                 export_format="glb")
 

@@ -251,7 +251,7 @@ def test_cut_out_at_upload_is_what_generate_uses(tiny_cascade, monkeypatch, capl
     real = pipe.preprocess
     monkeypatch.setattr(pipe, "preprocess", lambda *a, **k: calls.append(a) or real(*a, **k))
     widgets = dict(seed=1, background="auto", foreground_ratio=0.85, lr_steps=4, hr_steps=8, cfg_lr=3.0,
-                   cfg_hr=3.0, temperature=1.0, diffusion_steps=10, cond_aug_t=0.5, resolution="64",
+                   cfg_hr=3.0, temperature=1.0, residual_scale=0.5, diffusion_steps=10, cond_aug_t=0.5, resolution="64",
                    target_faces=0, colour=True, export_format="glb")
     for outputs in app.generate(pipe, str(CHAIR), **widgets, cut=cut, progress=lambda *a, **k: None):
         given = outputs[0]  # the final processed image (its folder goes when the generator ends)

@@ -283,7 +283,7 @@ def test_bad_numbers_straight_to_the_api(served):
         uploaded = h.post(f"{served.url}gradio_api/upload", files=[("files", ("chair.jpg", CHAIR.read_bytes()))])
     image = {"path": uploaded.json()[0], "orig_name": "chair.jpg", "meta": {"_type": "gradio.FileData"}}
     cases = [("cfg_lr", math.nan), ("temperature", math.inf), ("foreground_ratio", math.nan),
-             ("cond_aug_t", -0.5), ("seed", -1), ("seed", None), ("lr_steps", 10**9), ("hr_steps", 0),
+             ("cond_aug_t", -0.5), ("residual_scale", 2.0), ("seed", -1), ("seed", None), ("lr_steps", 10**9), ("hr_steps", 0),
              ("diffusion_steps", "many"), ("target_faces", [1]), ("resolution", "65"), ("resolution", 64),
              ("background", "magic"), ("export_format", "exe")]
     for name, value in cases:
@@ -415,7 +415,10 @@ def test_temp_files_do_not_pile_up(served):
         print(f"Gradio cache after {len(served.pipe.started)} requests: {before} files, after the sweep: "
               f"{left[-1]}: {sorted(p.name for p in Path(served.cache).rglob('*') if p.is_file())}")
         assert before > left[-1]
-    assert left[1] <= left[0] <= 10  # (Gradio keeps the processed image of a request: one small PNG)
+    # Gradio keeps the processed image of a request (one small PNG); on some machines the second
+    # round's copy of the same image also escapes the sweep (stop 23: 0 then 1 file, with the
+    # stop-22 code too). Piling up would be a dozen files a round.
+    assert left[1] <= left[0] + 1 <= 11
     assert_serves(served)
 
 
