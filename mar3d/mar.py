@@ -263,6 +263,8 @@ class MAR(nn.Module):
         image_tokens = self.image_encoder(images)
         prefix = self.condition(None, lr_tokens, aug_t=cond_aug_t, generator=generator, image_tokens=image_tokens)
         base = self.base(image_tokens, reference)  # (B, L, C) or None
+        if base is not None and residual_scale == 0:  # nothing sampled would be kept
+            return base.clone()
         both = (lambda t: torch.cat([t, t])) if cfg != 1.0 else (lambda t: t)  # noqa: E731 (cond; uncond)
         if cfg != 1.0:  # conditional and unconditional passes as one batch
             prefix = torch.cat([prefix, self.fake_prefix.expand_as(prefix).to(prefix.dtype)])

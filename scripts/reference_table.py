@@ -38,11 +38,15 @@ def cues(encoder, query: torch.Tensor, candidate: torch.Tensor) -> dict:
     """Similarities of two condition images (1, 3, H, W) in [0, 1]; higher is closer."""
     with torch.no_grad():
         q, c = encoder(query).float(), encoder(candidate).float()
-    out = {f"iou{s}": float(silhouette_iou(silhouettes(query, s), silhouettes(candidate, s))[0, 0]) for s in (32, 16, 8)}
+    def distance(a, b):  # mean absolute difference at 32²
+        return float((F.adaptive_avg_pool2d(a, 32) - F.adaptive_avg_pool2d(b, 32)).abs().mean())
+
+    out = {f"iou{s}": float(silhouette_iou(silhouettes(query, s), silhouettes(candidate, s))[0, 0])
+           for s in (32, 16, 8)}
     out["feat_mean"] = float(F.cosine_similarity(q.mean(1), c.mean(1))[0])
     out["feat_tok"] = float(F.cosine_similarity(q.flatten(1), c.flatten(1))[0])
-    out["grey32"] = -float((F.adaptive_avg_pool2d(query.mean(1), 32) - F.adaptive_avg_pool2d(candidate.mean(1), 32)).abs().mean())
-    out["rgb32"] = -float((F.adaptive_avg_pool2d(query, 32) - F.adaptive_avg_pool2d(candidate, 32)).abs().mean())
+    out["grey32"] = -distance(query.mean(1), candidate.mean(1))
+    out["rgb32"] = -distance(query, candidate)
     return out
 
 

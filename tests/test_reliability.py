@@ -283,7 +283,8 @@ def test_bad_numbers_straight_to_the_api(served):
         uploaded = h.post(f"{served.url}gradio_api/upload", files=[("files", ("chair.jpg", CHAIR.read_bytes()))])
     image = {"path": uploaded.json()[0], "orig_name": "chair.jpg", "meta": {"_type": "gradio.FileData"}}
     cases = [("cfg_lr", math.nan), ("temperature", math.inf), ("foreground_ratio", math.nan),
-             ("cond_aug_t", -0.5), ("residual_scale", 2.0), ("seed", -1), ("seed", None), ("lr_steps", 10**9), ("hr_steps", 0),
+             ("cond_aug_t", -0.5), ("residual_scale", 2.0), ("seed", -1), ("seed", None), ("lr_steps", 10**9),
+             ("hr_steps", 0),
              ("diffusion_steps", "many"), ("target_faces", [1]), ("resolution", "65"), ("resolution", 64),
              ("background", "magic"), ("export_format", "exe")]
     for name, value in cases:
