@@ -37,7 +37,8 @@ class MARConfig:
     diff_train_steps: int = 1000
     diff_batch_mul: int = 4        # each masked token is noised this many times per step ([ref]: 4)
     cond_drop: float = 0.1         # training probability of the learned "no condition" prefix (CFG)
-    mask_ratio_min: float = 0.7    # truncated normal N(1, 0.25) on [mask_ratio_min, 1]
+    mask_ratio_min: float = 0.7    # training mask ratio: normal N(1, mask_ratio_std) truncated to [mask_ratio_min, 1]
+    mask_ratio_std: float = 0.25   # ([ref]: 0.7 and 0.25; sampling's later steps go below 0.7)
     cond_aug_min: float = 0.4      # MAR-HR condition augmentation: x' = t·ε + (1 − t)·x, t ~ U(min, max)
     cond_aug_max: float = 0.6
     aux_weight: float = 0.0        # > 0: also regress each masked token from z (MSE), a direct signal into z
@@ -218,7 +219,7 @@ class MAR(nn.Module):
     def random_mask(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, L) bool: one truncated-normal ratio per batch, random positions per shape."""
         L = self.cfg.seq_len
-        n = math.ceil(L * sample_mask_ratio(generator, low=self.cfg.mask_ratio_min))
+        n = math.ceil(L * sample_mask_ratio(generator, std=self.cfg.mask_ratio_std, low=self.cfg.mask_ratio_min))
         order = torch.rand(batch, L, device=device, generator=generator).argsort(dim=1)
         return torch.zeros(batch, L, dtype=torch.bool, device=device).scatter_(1, order[:, :n], True)
 

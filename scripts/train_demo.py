@@ -84,6 +84,8 @@ class Recipe:
     occ_queries: int = 512
     occ_pixel: bool = False      # pilot O3: pixel-aligned features at a predicted camera (mar3d.projection)
     mar_aux_weight: float = 0.0  # MAR: aux regression of the masked tokens from z
+    mar_mask_ratio_min: float = 0.7  # MAR training mask ratio: N(1, std) truncated to [min, 1] ([ref]: 0.7, 0.25)
+    mar_mask_ratio_std: float = 0.25
     mar_cond_mode: str = "aligned"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     mar_residual: bool = True    # MAR: model residuals from a base (the reference, else the reconstructor's tokens)
     mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
@@ -185,7 +187,8 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
                           val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
                           threads=threads, init_encoder=str(out) if r.recon_steps else "")
         preset = dataclasses.replace(MAR_PRESETS["tiny"], aux_weight=r.mar_aux_weight, cond_mode=r.mar_cond_mode,
-                                     residual=r.mar_residual, reference=r.mar_reference)
+                                     residual=r.mar_residual, reference=r.mar_reference,
+                                     mask_ratio_min=r.mar_mask_ratio_min, mask_ratio_std=r.mar_mask_ratio_std)
         last = train(task, preset, cfg, work / "cache", out)
     done(**last)
 

@@ -68,6 +68,22 @@ def test_sampling_is_seeded_and_reports_progress():
     assert MAR(MICRO).eval().sample(images(), steps=50, cfg=1.0, diffusion_steps=5).shape == (2, 8, 8)
 
 
+def test_mask_ratio_range_reaches_the_training_masks():
+    """[ref]'s N(1, 0.25) on [0.7, 1] never masks under 70 %; the micro MARs' near-uniform range
+    (mask_ratio_std 1 on [0, 1]) covers the low ratios that sampling's later steps visit."""
+    g = torch.Generator().manual_seed(0)
+    paper = dataclasses.replace(MICRO, seq_len=20, mask_ratio_min=0.7, mask_ratio_std=0.25)
+
+    def ratios(cfg):
+        mar = MAR(cfg)
+        return torch.tensor([mar.random_mask(1, "cpu", g).float().mean().item() for _ in range(200)])
+
+    r = ratios(paper)
+    assert r.min() >= 0.7 and (r == 1).any()
+    r = ratios(dataclasses.replace(paper, mask_ratio_min=0.0, mask_ratio_std=1.0))
+    assert (r < 0.5).float().mean() > 0.25 and r.min() > 0
+
+
 def test_checkpoint_round_trip_keeps_nested_encoder_config(tmp_path):
     mar = MAR(dataclasses.replace(MICRO, latent_shift=0.3, latent_scale=2.0)).eval()
     save_model(mar, tmp_path, "mar_lr")
