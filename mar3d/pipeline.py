@@ -51,6 +51,7 @@ class Settings:
     resolution: int = 128           # marching-cubes cells per axis
     target_faces: int = 0           # 0 = keep all faces
     colour: bool = True             # paint the HR mesh's vertices from the picture (mar3d.colour)
+    rerank: bool = True             # re-rank the reference candidates, for an index that can (mar3d.retrieval)
     lr_mesh: bool = True            # also extract the LR mesh (the preview)
 
     def check(self) -> None:
@@ -66,7 +67,7 @@ class Settings:
             v = getattr(self, name)
             if not is_int(v) or v < lo or (hi is not None and v > hi):
                 bad(name, f"an integer from {lo}" + (f" to {hi}" if hi is not None else " up"))
-        for name in ("colour", "lr_mesh"):
+        for name in ("colour", "lr_mesh", "rerank"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
         if self.background not in BACKGROUND_MODES:
@@ -172,7 +173,7 @@ class MAR3DPipeline:
         seconds["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        references = self.references.lookup(pixels)[:2] if self.references is not None else (None, None)
+        references = self.lookup_reference(pixels, s)
         lr_latents = self.sample_lr(pixels, s, generator, progress and (lambda i, n: progress("lr", i, n)),
                                     reference=references[0])
         seconds["mar_lr"] = time.perf_counter() - t
@@ -214,6 +215,17 @@ class MAR3DPipeline:
         if isinstance(image, PreprocessResult):
             raise TypeError("image is already preprocessed")
         return preprocess_image(image, s.background, s.foreground_ratio, size=self.image_size)
+
+    def lookup_reference(self, pixels: torch.Tensor, s: Settings) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The reference shape's LR and HR latents (None, None without an index). An index that
+        re-ranks reads the MAR-LR's image features (its frozen encoder: the probe was fitted on it)."""
+        if self.references is None:
+            return None, None
+        features = None
+        if s.rerank and self.references.reranks:
+            with torch.no_grad(), torch_threads(self.sampling_threads):
+                features = self.mar_lr.image_encoder(pixels)
+        return self.references.lookup(pixels, features)[:2]
 
     def sample_lr(self, pixels: torch.Tensor, s: Settings, generator: torch.Generator,
                   progress: Callable[[int, int], None] | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:

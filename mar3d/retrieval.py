@@ -10,6 +10,12 @@ reference model.
 Silhouettes come from the preprocessed RGB image itself (the object composited on white, as the
 MARs see it), not from its alpha, so that training (whose cache keeps only the RGB) and the app
 use one rule. The cost: white parts of an object are background to it.
+
+Re-ranking (pilot RL, checkpoints/README.md): silhouettes say nothing about depth, so among the
+`candidates` entries of highest IoU the index can pick by IoU plus a 3D cue, how near each
+candidate's LR latents are to those a linear probe reads off the MAR-LR's frozen image features.
+The probe is a ridge regression fitted on training entries; the two weights are a least-squares
+fit, on other training shapes, of each candidate's 3D occupancy IoU with the true shape.
 """
 
 from dataclasses import dataclass
@@ -63,24 +69,73 @@ def nearest(queries: torch.Tensor, keys: torch.Tensor, query_groups: torch.Tenso
     return torch.cat(out)
 
 
+def fit_probe(features: torch.Tensor, latents: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """Ridge regression (D + 1, C) of latents (N, L, C) on image features (N, L, D), one map shared
+    by every index (the last row is the bias); `ridge` is per training row."""
+    x = torch.cat([features.flatten(0, 1).float(), features.new_ones(features.shape[0] * features.shape[1], 1)], 1)
+    gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1])
+    return torch.linalg.solve(gram, x.T @ latents.flatten(0, 1).float())
+
+
+def probe_latents(probe: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The probe's latents (B, L, C) for features (B, L, D)."""
+    return features.float() @ probe[:-1] + probe[-1]
+
+
+def rerank_cues(iou: torch.Tensor, predicted: torch.Tensor, lr: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k entries of highest IoU per query, (B, k), and their cues (B, k, 2): the IoU and minus
+    the mean squared distance of the entry's LR latents (N, L, C) to the predicted ones (B, L, C)."""
+    top = iou.topk(min(k, iou.shape[1]), dim=1).indices                      # (B, k)
+    near = -(lr[top].float() - predicted[:, None].float()).pow(2).mean((2, 3))  # (B, k)
+    return top, torch.stack([iou.gather(1, top), near], dim=-1)
+
+
+def fit_rerank_weights(cues: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Least-squares weights (2,) of cues (R, k, 2) for targets (R, k), both centred per query: only
+    the order within a query's candidates matters."""
+    x = (cues - cues.mean(1, keepdim=True)).flatten(0, 1).double()
+    y = (targets - targets.mean(1, keepdim=True)).flatten().double()
+    return torch.linalg.lstsq(x, y[:, None]).solution[:, 0].float()
+
+
 @dataclass
 class ReferenceIndex:
     """Training renders' object masks (N, H, W) bool and the VAE latents of their shapes in each
-    render's frame: LR (N, L_lr, C) and HR (N, L_hr, C)."""
+    render's frame: LR (N, L_lr, C) and HR (N, L_hr, C). With a `probe` (D + 1, C_lr) on the MAR-LR's
+    image features and `weights` (2,), `lookup` re-ranks the top `candidates` by IoU (module docstring)."""
     dark: torch.Tensor
     lr: torch.Tensor
     hr: torch.Tensor
+    probe: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    candidates: int = 6
 
     def __post_init__(self):
         if not (len(self.dark) == len(self.lr) == len(self.hr)) or len(self.dark) == 0:
             raise ValueError(f"a reference index needs as many masks as latents, and some: "
                              f"{len(self.dark)} / {len(self.lr)} / {len(self.hr)}")
         self.masks = pool(self.dark)  # (N, D)
+        if (self.probe is None) != (self.weights is None):
+            raise ValueError("a re-ranking index needs both its probe and its weights")
 
-    def lookup(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For condition images (B, 3, H, W) in [0, 1]: the nearest entries' LR and HR latents
-        (float32) and their indices."""
-        idx = nearest(silhouettes(pixels.cpu()), self.masks)
+    @property
+    def reranks(self) -> bool:
+        return self.probe is not None
+
+    def lookup(self, pixels: torch.Tensor, features: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For condition images (B, 3, H, W) in [0, 1]: the chosen entries' LR and HR latents
+        (float32) and their indices. The nearest silhouette, or, given the MAR-LR's image
+        `features` (B, L_lr, D) and an index that re-ranks, the best of its candidates."""
+        if features is None or not self.reranks:
+            idx = nearest(silhouettes(pixels.cpu()), self.masks)
+        else:
+            if features.shape[1:] != (self.lr.shape[1], self.probe.shape[0] - 1):
+                raise ValueError(f"this index's probe reads ({self.lr.shape[1]}, {self.probe.shape[0] - 1}) "
+                                 f"image features, got {tuple(features.shape[1:])}: another image encoder's")
+            iou = silhouette_iou(silhouettes(pixels.cpu()), self.masks)
+            top, cues = rerank_cues(iou, probe_latents(self.probe, features.cpu()), self.lr, self.candidates)
+            idx = top.gather(1, (cues @ self.weights).argmax(1, keepdim=True))[:, 0]
         return self.lr[idx].float().to(pixels.device), self.hr[idx].float().to(pixels.device), idx
 
     def save(self, path: str | Path) -> None:
@@ -91,6 +146,9 @@ class ReferenceIndex:
                    "dark_shape": torch.tensor([n, h, w])}
         for key in ("lr", "hr"):
             tensors[key], tensors[f"{key}_scale"] = quantize(getattr(self, key).float())
+        if self.reranks:
+            tensors |= {"probe": self.probe.float().contiguous(), "weights": self.weights.float(),
+                        "candidates": torch.tensor(self.candidates)}
         save_file(tensors, str(path))
 
     @classmethod
@@ -98,7 +156,8 @@ class ReferenceIndex:
         t = load_file(str(path))
         n, h, w = t["dark_shape"].tolist()
         dark = torch.from_numpy(np.unpackbits(t["dark"].numpy(), axis=1, count=h * w).reshape(n, h, w).astype(bool))
-        return cls(dark, *(dequantize(t[key], t[f"{key}_scale"]) for key in ("lr", "hr")))
+        rerank = {"probe": t["probe"], "weights": t["weights"], "candidates": int(t["candidates"])} if "probe" in t else {}
+        return cls(dark, *(dequantize(t[key], t[f"{key}_scale"]) for key in ("lr", "hr")), **rerank)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

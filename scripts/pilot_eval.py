@@ -132,6 +132,9 @@ def main(argv=None) -> None:
         from mar3d.retrieval import REFERENCE_FILE, ReferenceIndex
 
         references = pipe.references if pipe and pipe.references else ReferenceIndex.load(ckpt / REFERENCE_FILE)
+        # an index that re-ranks reads the MAR-LR's image features, as the pipeline's lookup does
+        lr_encoder = (pipe.mar_lr if pipe else load_model(ckpt, "mar_lr")).image_encoder.eval() \
+            if references.reranks and settings.rerank else None
     occ = load_model(ckpt, "occ") if args.occ else None
     vae = pipe.vae if pipe else load_model(ckpt, "vae")
     rows, t0 = [], time.time()
@@ -157,7 +160,10 @@ def main(argv=None) -> None:
                 row["hr_best"] = max((c[3] for c in tried), key=lambda m: m["fscore@0.05"])
                 row["hr_first"] = tried[0][3]
         if references is not None:
-            _, hr, idx = references.lookup(condition_pixels(image, settings, REFERENCE_IMAGE_SIZE))
+            pixels = condition_pixels(image, settings, REFERENCE_IMAGE_SIZE)
+            with torch.no_grad():
+                features = lr_encoder(pixels) if lr_encoder is not None else None
+            _, hr, idx = references.lookup(pixels, features)
             try:
                 mesh, _ = extract_mesh(vae.occupancy_fn(hr), resolution=settings.resolution)
                 mesh.export(out / f"{npz.stem}.reference.ply")

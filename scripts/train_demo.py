@@ -90,6 +90,8 @@ class Recipe:
     mar_residual: bool = True    # MAR: model residuals from a base (the reference, else the reconstructor's tokens)
     mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
     reference_views: int = 1     # views of each training shape the shipped index keeps (training uses all 4)
+    rerank_candidates: int = 6   # the index re-ranks this many top-IoU entries (0: no re-ranker; pilot RL)
+    rerank_queries: int = 600    # training shapes whose candidates fit the re-ranker's two weights
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
     eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
     device: str = "cpu"
@@ -237,6 +239,63 @@ def stage_reference(r: Recipe, work: Path, out: Path) -> None:
     done(entries=int(keep.sum()))
 
 
+def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
+    """The reference index's re-ranker (mar3d.retrieval, pilot RL in the model card). Half the
+    training shapes (every view) fit the linear probe from the MAR-LR's frozen image features to LR
+    latents; view 0 of `rerank_queries` of the other half gives each query's top candidates (its own
+    shape left out, as for a training entry's reference) and, as the target the two cue weights are
+    fitted to, each candidate's 24³ occupancy IoU with the query's own shape (LR latents decoded)."""
+    from mar3d.cache import load_cache
+    from mar3d.data import is_held_out
+    from mar3d.retrieval import (REFERENCE_FILE, ReferenceIndex, fit_probe, fit_rerank_weights, probe_latents,
+                                 rerank_cues, silhouette_iou, silhouettes)
+
+    done = timed_stage(work, "rerank")
+    index = ReferenceIndex.load(out / REFERENCE_FILE) if r.mar_reference else None
+    if index is None or not r.rerank_candidates or index.reranks:
+        return done(skipped=True)
+    data, meta = load_cache(work / "cache")
+    names = meta["names"]
+    shape = [n.split("/")[0] for n in names]
+    train = [not is_held_out(n, left_out(r)) for n in names]
+    indexed = [i for i, n in enumerate(names) if train[i] and int(n.split("/")[1]) < r.reference_views]
+    shapes = sorted({s for s, t in zip(shape, train) if t})
+    probe_shapes = set(shapes[::2])
+    encoder = load_model(out, "mar_lr", r.device).image_encoder.eval()
+    vae = load_model(out, "vae", r.device).eval()
+
+    @torch.no_grad()
+    def features(rows: list[int]) -> torch.Tensor:
+        return torch.cat([encoder(data["images"][rows[s: s + 64]].permute(0, 3, 1, 2).float().div(255).to(r.device)).cpu()
+                          for s in range(0, len(rows), 64)])
+
+    fit_rows = [i for i in range(len(names)) if train[i] and shape[i] in probe_shapes]
+    probe = fit_probe(features(fit_rows), data["lr"][fit_rows])
+    rng = np.random.default_rng(0)
+    others = [i for i in indexed if shape[i] not in probe_shapes]
+    queries = sorted(rng.choice(others, min(r.rerank_queries, len(others)), replace=False).tolist())
+    iou = silhouette_iou(silhouettes(data["images"][queries]), index.masks)
+    shape_id = {s: k for k, s in enumerate(shapes)}
+    own = torch.tensor([shape_id[shape[i]] for i in queries])[:, None] == torch.tensor([shape_id[shape[i]] for i in indexed])
+    iou[own] = -1.0  # never the query's own shape
+    top, cues = rerank_cues(iou, probe_latents(probe, features(queries)), index.lr, r.rerank_candidates)
+    side = torch.linspace(-0.95, 0.95, 24)
+    grid = torch.stack(torch.meshgrid(side, side, side, indexing="ij"), -1).reshape(-1, 3).to(r.device)
+
+    @torch.no_grad()
+    def occupied(latents: torch.Tensor) -> torch.Tensor:  # (B, L, C) → (B, 24³) bool
+        return torch.stack([vae.occupancy_fn(x[None].float().to(r.device))(grid).reshape(-1).cpu() > 0 for x in latents])
+
+    truth, cands = occupied(data["lr"][queries]), occupied(index.lr[top.flatten()]).view(*top.shape, -1)
+    targets = (cands & truth[:, None]).sum(-1) / (cands | truth[:, None]).sum(-1).clamp(min=1)
+    weights = fit_rerank_weights(cues, targets)
+    ReferenceIndex(index.dark, index.lr, index.hr, probe, weights, r.rerank_candidates).save(out / REFERENCE_FILE)
+    pick = lambda score: float(targets.gather(1, score.argmax(1, keepdim=True)).mean())  # noqa: E731
+    done(probe_shapes=len(probe_shapes), queries=len(queries), weights=weights.tolist(),
+         iou3d_top1=round(pick(cues[..., 0]), 4), iou3d_reranked=round(pick(cues @ weights), 4),
+         iou3d_oracle=round(float(targets.max(1).values.mean()), 4))
+
+
 def held_out_shapes(r: Recipe, work: Path) -> list[Path]:
     from mar3d.data import is_held_out
 
@@ -324,7 +383,7 @@ def eval_settings():
 
 
 STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "reference", "recon", "occ", "mar_lr", "mar_hr",
-          "eval_image")
+          "rerank", "eval_image")
 
 
 def train_mar_parallel(r: Recipe, work: Path, out: Path) -> None:
@@ -367,6 +426,8 @@ def main(argv=None) -> None:
             stage_cache(recipe, work, out)
         elif stage == "reference":
             stage_reference(recipe, work, out)
+        elif stage == "rerank":
+            stage_rerank(recipe, work, out)
         elif stage == "eval_vae":
             stage_eval_vae(recipe, work, out)
         elif stage == "eval_image":

@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 from mar3d.checkpoint import save_model
 from mar3d.mar import MAR
 from mar3d.pipeline import MAR3DPipeline
-from mar3d.retrieval import REFERENCE_FILE, ReferenceIndex, build_index, nearest, silhouettes
+from mar3d.retrieval import (REFERENCE_FILE, ReferenceIndex, build_index, fit_probe, fit_rerank_weights, nearest,
+                             probe_latents, rerank_cues, silhouettes)
 from tests.conftest import MICRO_MAR
 
 
@@ -75,6 +76,49 @@ def train_micro(cfg, tokens, reference, steps=150):
     return mar.eval(), images
 
 
+def test_probe_and_rerank_weights_recover_what_made_the_data():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(300, 4, 6, generator=g)
+    A, b = torch.randn(6, 3, generator=g), torch.randn(3, generator=g)
+    probe = fit_probe(features, features @ A + b, ridge=1e-6)
+    assert probe.shape == (7, 3)
+    torch.testing.assert_close(probe_latents(probe, features[:5]), features[:5] @ A + b, atol=1e-3, rtol=1e-3)
+    # targets made from the cues plus a per-query offset (which cannot change an order)
+    cues = torch.randn(50, 6, 2, generator=g)
+    targets = cues @ torch.tensor([0.8, 0.3]) + torch.randn(50, 1, generator=g)
+    torch.testing.assert_close(fit_rerank_weights(cues, targets), torch.tensor([0.8, 0.3]), atol=1e-4, rtol=1e-4)
+
+
+def test_reranking_index_picks_the_candidate_whose_latents_the_probe_predicts(tmp_path):
+    """Two entries with about the same outline: the nearest by IoU (a square) and the one whose LR
+    latents the probe reads off the image's features (a square shifted by 2 px). With the index's
+    re-ranker and the features the second wins; without features, or with rerank weights that
+    ignore the probe, the first; the re-ranker survives a save and a load."""
+    images = torch.stack([drawn("square"), drawn("square", shift=2), drawn("bar")])
+    lr, hr = torch.randn(3, 8, 4), torch.randn(3, 32, 4)
+    features = torch.randn(1, 8, 5)
+    probe = torch.cat([torch.zeros(5, 4), torch.zeros(1, 4)])  # predicts the bias row only ...
+    lr[1] = 0.0  # ... which is entry 1's latents exactly
+    pixels = drawn("square").permute(2, 0, 1)[None].float() / 255
+    plain = build_index(images, lr, hr)
+    index = ReferenceIndex(plain.dark, plain.lr, plain.hr, probe, torch.tensor([1.0, 1.0]), candidates=2)
+    top, cues = rerank_cues(torch.tensor([[1.0, 0.95, 0.1]]), probe_latents(probe, features), index.lr, 2)
+    assert top.tolist() == [[0, 1]] and cues[0, 1, 1] == 0 and cues[0, 0, 1] < -0.5
+    assert plain.lookup(pixels, features)[2].tolist() == [0]
+    assert index.lookup(pixels)[2].tolist() == [0]
+    assert index.lookup(pixels, features)[2].tolist() == [1]
+    index.save(tmp_path / REFERENCE_FILE)
+    loaded = ReferenceIndex.load(tmp_path / REFERENCE_FILE)
+    assert loaded.candidates == 2 and torch.equal(loaded.weights, index.weights)
+    assert loaded.lookup(pixels, features)[2].tolist() == [1]
+    ignore_probe = ReferenceIndex(plain.dark, plain.lr, plain.hr, probe, torch.tensor([1.0, 0.0]), candidates=2)
+    assert ignore_probe.lookup(pixels, features)[2].tolist() == [0]
+    with pytest.raises(ValueError, match="image features"):
+        index.lookup(pixels, torch.randn(1, 8, 7))
+    with pytest.raises(ValueError, match="probe and its weights"):
+        ReferenceIndex(plain.dark, plain.lr, plain.hr, probe)
+
+
 def test_mar_learns_to_follow_its_reference():
     """Tokens are their reference plus a little noise, and the image says nothing about them:
     after a short training the loss with each entry's own reference is well below the loss with
@@ -122,3 +166,21 @@ def test_pipeline_needs_the_reference_index_of_its_mars(tmp_path):
     build_index(images, torch.randn(2, 8, 8), torch.randn(2, 32, 8)).save(tmp_path / REFERENCE_FILE)
     pipe = MAR3DPipeline.from_pretrained(tmp_path)
     assert len(pipe.references.masks) == 2
+    # an index that re-ranks reads the MAR-LR's image features; Settings(rerank=False) keeps the IoU pick
+    from mar3d.pipeline import Settings
+
+    # (the probe reads one feature per LR token: a readout encoder's LR queries, as the shipped MARs')
+    readout = dataclasses.replace(MICRO_MAR.image_encoder, kind="readout", readout_lr=8, readout_hr=32, output="lr",
+                                  image_size=64, patch_size=16)
+    pipe.mar_lr = MAR(dataclasses.replace(MICRO_MAR, reference=True, image_encoder=readout)).eval()
+    lr = torch.randn(2, 8, 8)
+    lr[1] = 0.0  # the probe's prediction (its bias row, zero): entry 1 is "nearer in 3D"
+    width = pipe.mar_lr.image_encoder.dim
+    index = build_index(images, lr, torch.randn(2, 32, 8))
+    pipe.references = ReferenceIndex(index.dark, index.lr, index.hr, torch.zeros(width + 1, 8),
+                                     torch.tensor([1.0, 1.0]), candidates=2)
+    pixels = drawn("square", size=64).permute(2, 0, 1)[None].float() / 255  # the square's outline: entry 0
+    got = pipe.lookup_reference(pixels, Settings())[0]
+    torch.testing.assert_close(got, pipe.references.lr[1:2].float())
+    got = pipe.lookup_reference(pixels, Settings(rerank=False))[0]
+    torch.testing.assert_close(got, pipe.references.lr[0:1].float())
