@@ -45,7 +45,8 @@ FLAMINGO = data_image("triposr_flamingo.png")
 FAST = dict(lr_steps=4, hr_steps=8, diffusion_steps=25, resolution="64")
 NO_PHONING_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
 # The /generate parameters after the image, in order, with the FAST settings.
-PARAMS = {**{k: v for k, v in vars(Settings()).items() if k != "lr_mesh"}, **FAST, "export_format": "glb"}
+# the API's parameters in order: every Settings field the page has a control for, then the format
+PARAMS = {**{k: v for k, v in vars(Settings()).items() if k not in ("lr_mesh", "rerank")}, **FAST, "export_format": "glb"}
 PARAMS["resolution"] = str(PARAMS["resolution"])
 
 
