@@ -221,20 +221,25 @@ def stage_cache(r: Recipe, work: Path, out: Path) -> None:
     done(**build_cache(vae, items(), work / "cache", image_size=image_size, order=order, held_out=held_out))
 
 
+def in_reference_index(r: Recipe, name: str) -> bool:
+    """Whether cache entry "<shape>/<view>" is in the shipped index: a training shape's view below `reference_views`."""
+    from mar3d.data import is_held_out
+
+    return not is_held_out(name, left_out(r)) and int(name.split("/")[1]) < r.reference_views
+
+
 def stage_reference(r: Recipe, work: Path, out: Path) -> None:
     """The reference index a MAR with `mar_reference` retrieves from at inference (and ships with):
     the training entries of the cache, the entries MARTask draws references from, less views
     `reference_views` and above (one view of each shape is a quarter of the size)."""
     from mar3d.cache import load_cache
-    from mar3d.data import is_held_out
     from mar3d.retrieval import REFERENCE_FILE, build_index
 
     done = timed_stage(work, "reference")
     if not r.mar_reference or (out / REFERENCE_FILE).exists():
         return done(skipped=True)
     data, meta = load_cache(work / "cache")
-    keep = torch.tensor([not is_held_out(n, left_out(r)) and int(n.split("/")[1]) < r.reference_views
-                         for n in meta["names"]])
+    keep = torch.tensor([in_reference_index(r, n) for n in meta["names"]])
     build_index(data["images"][keep], data["lr"][keep], data["hr"][keep]).save(out / REFERENCE_FILE)
     done(entries=int(keep.sum()))
 
@@ -258,7 +263,7 @@ def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
     names = meta["names"]
     shape = [n.split("/")[0] for n in names]
     train = [not is_held_out(n, left_out(r)) for n in names]
-    indexed = [i for i, n in enumerate(names) if train[i] and int(n.split("/")[1]) < r.reference_views]
+    indexed = [i for i, n in enumerate(names) if in_reference_index(r, n)]
     shapes = sorted({s for s, t in zip(shape, train) if t})
     probe_shapes = set(shapes[::2])
     encoder = load_model(out, "mar_lr", r.device).image_encoder.eval()
