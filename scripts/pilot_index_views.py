@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mar3d.cache import load_cache  # noqa: E402
-from mar3d.retrieval import MASK_SIZE, REFERENCE_FILE, WHITE, ReferenceIndex, pool  # noqa: E402
+from mar3d.retrieval import MASK_SIZE, REFERENCE_FILE, ReferenceIndex, silhouettes  # noqa: E402
 from train_demo import Recipe, in_reference_index  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     data, meta = load_cache(Path(a.work) / "cache")
     r = Recipe(reference_views=a.views)
     keep = torch.tensor([in_reference_index(r, n) for n in meta["names"]])
-    dark = (pool(data["images"][keep].min(dim=-1).values < WHITE) > 0.5).view(-1, MASK_SIZE, MASK_SIZE)
+    dark = (silhouettes(data["images"][keep]) > 0.5).view(-1, MASK_SIZE, MASK_SIZE)  # the lookup's own 64²
     ReferenceIndex(dark, data["lr"][keep].half(), data["hr"][keep].half()).save(Path(a.out) / REFERENCE_FILE)
     print(f"{int(keep.sum())} entries → {Path(a.out) / REFERENCE_FILE}")
 
