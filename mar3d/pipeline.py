@@ -142,7 +142,7 @@ class MAR3DPipeline:
             if not path.exists():
                 raise FileNotFoundError(f"{path}: these MARs take a reference shape and need the index they were "
                                         f"trained with (scripts/train_demo.py --only reference)")
-            references = ReferenceIndex.load(path)
+            references = ReferenceIndex.load(path, vae=models[0])
         return cls(*models, device=device, references=references)
 
     def save_pretrained(self, directory: str | Path) -> None:

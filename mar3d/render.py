@@ -141,10 +141,15 @@ def rotate_to_view(points, camera: Camera) -> np.ndarray:
     shapes stay upright. Rendering the result from azimuth 0 (same elevation, fov, distance)
     gives the same picture as rendering the original from `camera`.
     """
+    return rotate_to_azimuth(points, camera.azimuth_deg)
+
+
+def rotate_to_azimuth(points, azimuth_deg: float) -> np.ndarray:
+    """`rotate_to_view` for a camera at `azimuth_deg` (the only part of the camera it uses)."""
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] not in (3, 6):
         raise ValueError(f"expected (N, 3) or (N, 6) points, got shape {points.shape}")
-    R = _rot_y(-camera.azimuth_deg)
+    R = _rot_y(-azimuth_deg)
     out = np.array(points, dtype=np.result_type(points.dtype, np.float32), copy=True)
     for start in range(0, points.shape[-1], 3):  # xyz, then normals if present
         out[:, start:start + 3] = _transform(points[:, start:start + 3], R)

@@ -16,6 +16,13 @@ Re-ranking (pilot RL, checkpoints/README.md): silhouettes say nothing about dept
 candidate's LR latents are to those a linear probe reads off the MAR-LR's frozen image features.
 The probe is a ridge regression fitted on training entries; the two weights are a least-squares
 fit, on other training shapes, of each candidate's 3D occupancy IoU with the true shape.
+
+Two ways to hold the entries' latents (pilot V4, checkpoints/README.md): as int8 tokens per entry,
+or, for an index of every view of every training shape, as each shape's surface points stored
+once (`EncodedLatents`: int16 positions, octahedral int8 normals) with each view's azimuth, the
+few entries a lookup needs encoded by the VAE then, as the cache encodes them (the shape turned
+into the view's frame, tokens in anchored order). Tokens of 4 views would take 62 MB; the
+surfaces take 25 MB.
 """
 
 from dataclasses import dataclass
@@ -25,6 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from .render import rotate_to_azimuth
+from .token_order import anchor_permutation
 
 REFERENCE_FILE = "reference.safetensors"  # beside the MARs that take a reference
 MASK_SIZE = 64   # silhouettes are compared at 64² (4,096 values in [0, 1])
@@ -98,14 +108,80 @@ def fit_rerank_weights(cues: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return torch.linalg.lstsq(x, y[:, None]).solution[:, 0].float()
 
 
+class EncodedLatents:
+    """Stands in for an index's latents (N, L, C): entry i is shape `shape_ids[i]`'s surface
+    (S, P, 6) turned into the frame of a camera at `azimuths[i]`, encoded by `vae` (`tokens` "lr" or
+    "hr"; posterior means) and put in anchored order by `anchors` (L, 3) (None: as the VAE emits
+    them). Indexing with any integer tensor encodes the entries it names (the last `keep` are kept)."""
+
+    def __init__(self, vae, tokens: str, surfaces: torch.Tensor, shape_ids: torch.Tensor, azimuths: torch.Tensor,
+                 anchors: np.ndarray | None = None, keep: int = 16):
+        if len(shape_ids) != len(azimuths) or len(shape_ids) == 0 or int(shape_ids.max()) >= len(surfaces):
+            raise ValueError(f"{len(shape_ids)} entries with {len(azimuths)} azimuths over {len(surfaces)} surfaces")
+        self.vae, self.tokens, self.surfaces = vae, tokens, surfaces
+        self.shape_ids, self.azimuths, self.anchors, self.keep = shape_ids.long(), azimuths.float(), anchors, keep
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.shape_ids)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self), self.vae.cfg.num_tokens(self.tokens), self.vae.cfg.latent_dim
+
+    def surface(self, i: int) -> np.ndarray:
+        """Entry i's surface points (P, 6) float32 in its view's frame, in FPS order."""
+        return rotate_to_azimuth(self.surfaces[self.shape_ids[i]].float().numpy(), float(self.azimuths[i]))
+
+    @torch.no_grad()
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        wanted = [i for i in dict.fromkeys(idx.flatten().tolist()) if i not in self.kept]
+        device = next(self.vae.parameters()).device
+        for s in range(0, len(wanted), 64):
+            chunk = wanted[s: s + 64]
+            surface = torch.from_numpy(np.stack([self.surface(i) for i in chunk]))
+            latents = self.vae.encode(surface.to(device), self.tokens).float().cpu()
+            if self.anchors is not None:
+                M = latents.shape[1]
+                perm = torch.from_numpy(anchor_permutation(surface[:, :M, :3].numpy(), self.anchors))
+                latents = torch.take_along_dim(latents, perm[..., None], dim=1)
+            self.kept.update(zip(chunk, latents))
+        out = torch.stack([self.kept[i] for i in idx.flatten().tolist()]).view(*idx.shape, *self.shape[1:])
+        while len(self.kept) > self.keep:
+            self.kept.pop(next(iter(self.kept)))
+        return out
+
+
+def octahedral(normals: torch.Tensor) -> torch.Tensor:
+    """Unit normals (..., 3) → (..., 2) int8, the octahedral map (about 1° of error at 8 bits)."""
+    n = normals / normals.abs().sum(-1, keepdim=True).clamp_min(1e-12)
+    x, y, z = n.unbind(-1)
+    sign = lambda v: torch.where(v >= 0, 1.0, -1.0)  # noqa: E731
+    folded = torch.stack([(1 - y.abs()) * sign(x), (1 - x.abs()) * sign(y)], -1)
+    uv = torch.where((z < 0)[..., None], folded, torch.stack([x, y], -1))
+    return (uv * 127).round().clamp(-127, 127).to(torch.int8)
+
+
+def from_octahedral(uv: torch.Tensor) -> torch.Tensor:
+    """(..., 2) int8 of `octahedral` → unit normals (..., 3) float32."""
+    uv = uv.float() / 127
+    x, y = uv.unbind(-1)
+    z = 1 - x.abs() - y.abs()
+    sign = lambda v: torch.where(v >= 0, 1.0, -1.0)  # noqa: E731
+    fx, fy = (1 - y.abs()) * sign(x), (1 - x.abs()) * sign(y)
+    n = torch.stack([torch.where(z < 0, fx, x), torch.where(z < 0, fy, y), z], -1)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 @dataclass
 class ReferenceIndex:
     """Training renders' object masks (N, H, W) bool and the VAE latents of their shapes in each
     render's frame: LR (N, L_lr, C) and HR (N, L_hr, C). With a `probe` (D + 1, C_lr) on the MAR-LR's
     image features and `weights` (2,), `lookup` re-ranks the top `candidates` by IoU (module docstring)."""
     dark: torch.Tensor
-    lr: torch.Tensor
-    hr: torch.Tensor
+    lr: torch.Tensor | EncodedLatents
+    hr: torch.Tensor | EncodedLatents
     probe: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     candidates: int = 6
@@ -140,24 +216,45 @@ class ReferenceIndex:
 
     def save(self, path: str | Path) -> None:
         """Masks as bits, latents as int8 with one scale per channel (an error of at most half a
-        step, about 1 % of a channel's range: far below the VAE's own token noise)."""
+        step, about 1 % of a channel's range: far below the VAE's own token noise), or, for
+        `EncodedLatents`, the surfaces: positions as int16 (|x| ≤ 1), normals octahedral int8."""
         n, h, w = self.dark.shape
         tensors = {"dark": torch.from_numpy(np.packbits(self.dark.numpy().reshape(n, -1), axis=1)),
                    "dark_shape": torch.tensor([n, h, w])}
-        for key in ("lr", "hr"):
-            tensors[key], tensors[f"{key}_scale"] = quantize(getattr(self, key).float())
+        if isinstance(self.lr, EncodedLatents):
+            lr, hr = self.lr, self.hr
+            if lr.surfaces.float().abs()[..., :3].max() > 1:
+                raise ValueError("surface positions must lie in [-1, 1] to be stored as int16")
+            tensors |= {"xyz": (lr.surfaces[..., :3].float() * 32767).round().to(torch.int16).contiguous(),
+                        "normals": octahedral(lr.surfaces[..., 3:].float()).contiguous(),
+                        "shape_ids": lr.shape_ids.int(), "azimuths": lr.azimuths.float()}
+            for key, latents in (("lr", lr), ("hr", hr)):
+                if latents.anchors is not None:
+                    tensors[f"{key}_anchors"] = torch.from_numpy(np.asarray(latents.anchors, dtype=np.float64))
+        else:
+            for key in ("lr", "hr"):
+                tensors[key], tensors[f"{key}_scale"] = quantize(getattr(self, key).float())
         if self.reranks:
             tensors |= {"probe": self.probe.float().contiguous(), "weights": self.weights.float(),
                         "candidates": torch.tensor(self.candidates)}
         save_file(tensors, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceIndex":
+    def load(cls, path: str | Path, vae=None) -> "ReferenceIndex":
+        """The index saved at `path`; one that stores surfaces needs the `vae` that encodes them."""
         t = load_file(str(path))
         n, h, w = t["dark_shape"].tolist()
         dark = torch.from_numpy(np.unpackbits(t["dark"].numpy(), axis=1, count=h * w).reshape(n, h, w).astype(bool))
         rerank = {"probe": t["probe"], "weights": t["weights"], "candidates": int(t["candidates"])} if "probe" in t else {}
-        return cls(dark, *(dequantize(t[key], t[f"{key}_scale"]) for key in ("lr", "hr")), **rerank)
+        if "xyz" not in t:
+            return cls(dark, *(dequantize(t[key], t[f"{key}_scale"]) for key in ("lr", "hr")), **rerank)
+        if vae is None:
+            raise ValueError(f"{path} stores surfaces, not latents: load it with the VAE that encodes them")
+        surfaces = torch.cat([t["xyz"].float() / 32767, from_octahedral(t["normals"])], -1)
+        lr, hr = (EncodedLatents(vae, key, surfaces, t["shape_ids"], t["azimuths"],
+                                 t[f"{key}_anchors"].numpy() if f"{key}_anchors" in t else None)
+                  for key in ("lr", "hr"))
+        return cls(dark, lr, hr, **rerank)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,7 +131,8 @@ def main(argv=None) -> None:
     if args.reference:
         from mar3d.retrieval import REFERENCE_FILE, ReferenceIndex
 
-        references = pipe.references if pipe and pipe.references else ReferenceIndex.load(ckpt / REFERENCE_FILE)
+        references = pipe.references if pipe and pipe.references else \
+            ReferenceIndex.load(ckpt / REFERENCE_FILE, vae=load_model(ckpt, "vae"))
         # an index that re-ranks reads the MAR-LR's image features, as the pipeline's lookup does
         lr_encoder = (pipe.mar_lr if pipe else load_model(ckpt, "mar_lr")).image_encoder.eval() \
             if references.reranks and settings.rerank else None

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     work, ckpt, r, settings = Path(args.work), Path(args.ckpt), Recipe(), eval_settings()
     shard, shards = (int(x) for x in args.shard.split("/"))
-    index = ReferenceIndex.load(ckpt / REFERENCE_FILE)
+    index = ReferenceIndex.load(ckpt / REFERENCE_FILE, vae=load_model(ckpt, "vae"))
     # the index holds view 0 of every training shape, in the cache's (name-sorted) order
     names = [f.stem for f in sorted((work / "prepared").glob("*.npz")) if not is_held_out(f.stem, left_out(r))]
     if len(names) != len(index.masks):

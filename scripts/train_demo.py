@@ -90,6 +90,7 @@ class Recipe:
     mar_residual: bool = True    # MAR: model residuals from a base (the reference, else the reconstructor's tokens)
     mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
     reference_views: int = 1     # views of each training shape the shipped index keeps (training uses all 4)
+    reference_store: str = "latents"  # the index holds int8 "latents" per entry, or each shape's "surfaces" once (V4)
     rerank_candidates: int = 6   # the index re-ranks this many top-IoU entries (0: no re-ranker; pilot RL)
     rerank_queries: int = 600    # training shapes whose candidates fit the re-ranker's two weights
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
@@ -240,8 +241,60 @@ def stage_reference(r: Recipe, work: Path, out: Path) -> None:
         return done(skipped=True)
     data, meta = load_cache(work / "cache")
     keep = torch.tensor([in_reference_index(r, n) for n in meta["names"]])
+    if r.reference_store == "surfaces":
+        return done(**surface_index(r, work, out, data, meta, keep))
+    if r.reference_store != "latents":
+        raise ValueError(f"reference_store must be 'latents' or 'surfaces', not {r.reference_store!r}")
     build_index(data["images"][keep], data["lr"][keep], data["hr"][keep]).save(out / REFERENCE_FILE)
     done(entries=int(keep.sum()))
+
+
+def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep: torch.Tensor) -> dict:
+    """The index of pilot V4 stored compactly (mar3d.retrieval.EncodedLatents): the kept entries'
+    binary 64² silhouettes (the lookup's own), each training shape's FPS surface points once, and
+    each entry's azimuth. The anchors of the token order are fitted again exactly as the cache
+    fitted them (same query points, same entries); the tokens that the saved index encodes are
+    compared with the cache's, on 64 entries."""
+    from mar3d.data import is_held_out
+    from mar3d.render import rotate_to_azimuth
+    from mar3d.retrieval import (MASK_SIZE, REFERENCE_FILE, EncodedLatents, ReferenceIndex, silhouette_iou,
+                                 silhouettes)
+    from mar3d.token_order import fit_anchors
+
+    vae = load_model(out, "vae", r.device).eval()
+    names = meta["names"]
+    azimuth = {}
+    for shape in dict.fromkeys(n.split("/")[0] for n in names):
+        cameras = json.loads((work / "renders" / shape / "cameras.json").read_text())
+        azimuth |= {f"{shape}/{k}": cam["azimuth_deg"] for k, cam in enumerate(cameras)}
+    surface = {s: np.load(work / "prepared" / f"{s}.npz")["surface"] for s in dict.fromkeys(n.split("/")[0] for n in names)}
+    M = vae.cfg.hr_tokens
+    queries = np.stack([rotate_to_azimuth(surface[n.split("/")[0]][:M], azimuth[n])[:, :3].astype(np.float32)
+                        for n in names])
+    fit = np.array([not is_held_out(n, left_out(r)) for n in names])
+    anchors = {key: fit_anchors(queries[fit, :vae.cfg.num_tokens(key)]) for key in ("lr", "hr")}
+    kept = [n for n, k in zip(names, keep.tolist()) if k]
+    shapes = list(dict.fromkeys(n.split("/")[0] for n in kept))
+    surfaces = torch.from_numpy(np.stack([surface[s][: vae.cfg.num_points] for s in shapes])).float()
+    ids = torch.tensor([shapes.index(n.split("/")[0]) for n in kept])
+    azimuths = torch.tensor([azimuth[n] for n in kept])
+    dark = (silhouettes(data["images"][keep]) > 0.5).view(-1, MASK_SIZE, MASK_SIZE)
+    latents = [EncodedLatents(vae, key, surfaces, ids, azimuths, anchors[key]) for key in ("lr", "hr")]
+    ReferenceIndex(dark, *latents).save(out / REFERENCE_FILE)
+    saved = ReferenceIndex.load(out / REFERENCE_FILE, vae=vae)
+    rows = keep.nonzero()[:, 0][:: max(1, int(keep.sum()) // 64)][:64]
+    at = torch.searchsorted(keep.nonzero()[:, 0], rows)
+    side = torch.linspace(-0.95, 0.95, 24)
+    grid = torch.stack(torch.meshgrid(side, side, side, indexing="ij"), -1).reshape(-1, 3)
+    check = {}
+    for key, fp32 in (("lr", latents[0]), ("hr", latents[1])):
+        cached = data[key][rows].float()
+        check[f"{key}_fp32_max_error"] = float((fp32[at] - cached).abs().max())
+        with torch.no_grad():
+            occ = lambda x: torch.stack([vae.occupancy_fn(z[None])(grid).reshape(-1) > 0 for z in x])  # noqa: E731
+            ious = silhouette_iou(occ(getattr(saved, key)[at]).float(), occ(cached).float()).diagonal()
+        check[f"{key}_stored_iou24_min"] = round(float(ious.min()), 4)
+    return dict(entries=int(keep.sum()), shapes=len(shapes), **check)
 
 
 def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
@@ -256,7 +309,7 @@ def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
                                  rerank_cues, silhouette_iou, silhouettes)
 
     done = timed_stage(work, "rerank")
-    index = ReferenceIndex.load(out / REFERENCE_FILE) if r.mar_reference else None
+    index = ReferenceIndex.load(out / REFERENCE_FILE, vae=load_model(out, "vae", r.device)) if r.mar_reference else None
     if index is None or not r.rerank_candidates or index.reranks:
         return done(skipped=True)
     data, meta = load_cache(work / "cache")

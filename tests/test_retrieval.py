@@ -10,8 +10,9 @@ from PIL import Image, ImageDraw
 from mar3d.checkpoint import save_model
 from mar3d.mar import MAR
 from mar3d.pipeline import MAR3DPipeline
-from mar3d.retrieval import (REFERENCE_FILE, ReferenceIndex, build_index, fit_probe, fit_rerank_weights, nearest,
-                             probe_latents, rerank_cues, silhouettes)
+from mar3d.retrieval import (REFERENCE_FILE, EncodedLatents, ReferenceIndex, build_index, fit_probe,
+                             fit_rerank_weights, from_octahedral, nearest, octahedral, probe_latents, rerank_cues,
+                             silhouettes)
 from tests.conftest import MICRO_MAR
 
 
@@ -184,3 +185,51 @@ def test_pipeline_needs_the_reference_index_of_its_mars(tmp_path):
     torch.testing.assert_close(got, pipe.references.lr[1:2].float())
     got = pipe.lookup_reference(pixels, Settings(rerank=False))[0]
     torch.testing.assert_close(got, pipe.references.lr[0:1].float())
+
+
+def test_octahedral_normals_round_trip_within_a_degree_and_a_half():
+    normals = torch.nn.functional.normalize(torch.randn(5000, 3), dim=-1)
+    normals[:6] = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+    back = from_octahedral(octahedral(normals))
+    degrees = torch.rad2deg(torch.acos((back * normals).sum(-1).clamp(-1, 1)))
+    assert degrees.max() < 1.5 and degrees.mean() < 0.5
+    assert octahedral(normals).dtype == torch.int8
+
+
+def test_surface_index_encodes_each_views_turned_shape_like_the_cache(tmp_path, synthetic_data):
+    """An index that stores surfaces (pilot V4's compact form): entry i's latents are the VAE's
+    tokens of its shape turned into its view's frame, in anchored order, as build_cache makes
+    them; stored as int16 / octahedral int8 they decode to nearly the same occupancy."""
+    from mar3d.render import rotate_to_azimuth
+    from mar3d.token_order import anchored, fit_anchors
+    from mar3d.vae import PyramidVAE
+    from tests.conftest import MICRO_VAE
+
+    torch.manual_seed(0)
+    vae = PyramidVAE(MICRO_VAE).eval()
+    P, M = MICRO_VAE.num_points, MICRO_VAE.hr_tokens
+    files = sorted(synthetic_data.glob("*.npz"))[:3]
+    surfaces = torch.from_numpy(np.stack([np.load(f)["surface"][:P] for f in files])).float()
+    ids, azimuths = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0.0, 90.0, 200.0, 30.0, 300.0])
+    turned = np.stack([rotate_to_azimuth(surfaces[i].numpy(), float(a)) for i, a in zip(ids, azimuths)])
+    anchors = fit_anchors(turned[:, :M, :3])
+    with torch.no_grad():
+        expected, again = anchored(vae.encode(torch.from_numpy(turned), "hr"), turned[:, :M, :3], np.ones(5, bool))
+    assert np.allclose(again, anchors)
+    hr = EncodedLatents(vae, "hr", surfaces, ids, azimuths, anchors)
+    lr = EncodedLatents(vae, "lr", surfaces, ids, azimuths, None)
+    assert hr.shape == (5, M, MICRO_VAE.latent_dim) and len(lr) == 5
+    torch.testing.assert_close(hr[torch.tensor([[3, 1], [0, 4]])], expected[torch.tensor([[3, 1], [0, 4]])])
+    with torch.no_grad():
+        torch.testing.assert_close(lr[2], vae.encode(torch.from_numpy(turned[2:3]), "lr")[0])
+    # the silhouettes pick the entry; the stored surfaces give nearly its latents back
+    images = torch.stack([drawn("square"), drawn("disc"), drawn("bar"), drawn("disc", shift=30), drawn("bar", shift=-40)])
+    index = ReferenceIndex(images.min(dim=-1).values < 245, lr, hr)
+    index.save(tmp_path / REFERENCE_FILE)
+    with pytest.raises(ValueError, match="VAE"):
+        ReferenceIndex.load(tmp_path / REFERENCE_FILE)
+    loaded = ReferenceIndex.load(tmp_path / REFERENCE_FILE, vae=vae)
+    got_lr, got_hr, idx = loaded.lookup(drawn("bar", shift=-38).permute(2, 0, 1)[None].float() / 255)
+    assert idx.tolist() == [4]
+    torch.testing.assert_close(got_hr[0], expected[4], atol=0.05 * expected.abs().max().item(), rtol=0)
+    assert (loaded.hr.surfaces - surfaces).abs().max() < 0.02  # normals off by ≤ 1.5°, positions by 1/65534
