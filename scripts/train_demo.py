@@ -89,8 +89,8 @@ class Recipe:
     mar_cond_mode: str = "aligned"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     mar_residual: bool = True    # MAR: model residuals from a base (the reference, else the reconstructor's tokens)
     mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
-    reference_views: int = 1     # views of each training shape the shipped index keeps (training uses all 4)
-    reference_store: str = "latents"  # the index holds int8 "latents" per entry, or each shape's "surfaces" once (V4)
+    reference_views: int = 4     # views of each training shape the shipped index keeps (stop 24: 1; pilot V4: all 4)
+    reference_store: str = "surfaces"  # the index holds each shape's "surfaces" once (V4), or int8 "latents" per entry
     rerank_candidates: int = 6   # the index re-ranks this many top-IoU entries (0: no re-ranker; pilot RL)
     rerank_queries: int = 600    # training shapes whose candidates fit the re-ranker's two weights
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
