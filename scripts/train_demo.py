@@ -232,7 +232,8 @@ def in_reference_index(r: Recipe, name: str) -> bool:
 def stage_reference(r: Recipe, work: Path, out: Path) -> None:
     """The reference index a MAR with `mar_reference` retrieves from at inference (and ships with):
     the training entries of the cache, the entries MARTask draws references from, less views
-    `reference_views` and above (one view of each shape is a quarter of the size)."""
+    `reference_views` and above; stored as int8 latents per entry or, with `reference_store`
+    "surfaces" (the default since stop 26), as each shape's surface once (`surface_index`)."""
     from mar3d.cache import load_cache
     from mar3d.retrieval import REFERENCE_FILE, build_index
 
