@@ -112,15 +112,15 @@ class EncodedLatents:
     """Stands in for an index's latents (N, L, C): entry i is shape `shape_ids[i]`'s surface
     (S, P, 6) turned into the frame of a camera at `azimuths[i]`, encoded by `vae` (`tokens` "lr" or
     "hr"; posterior means) and put in anchored order by `anchors` (L, 3) (None: as the VAE emits
-    them). Indexing with any integer tensor encodes the entries it names (the last `keep` are kept)."""
+    them). Indexing with any integer tensor encodes the entries it names, each once; nothing is
+    kept between calls (no state shared by the app's concurrent requests)."""
 
     def __init__(self, vae, tokens: str, surfaces: torch.Tensor, shape_ids: torch.Tensor, azimuths: torch.Tensor,
-                 anchors: np.ndarray | None = None, keep: int = 16):
+                 anchors: np.ndarray | None = None):
         if len(shape_ids) != len(azimuths) or len(shape_ids) == 0 or int(shape_ids.max()) >= len(surfaces):
             raise ValueError(f"{len(shape_ids)} entries with {len(azimuths)} azimuths over {len(surfaces)} surfaces")
         self.vae, self.tokens, self.surfaces = vae, tokens, surfaces
-        self.shape_ids, self.azimuths, self.anchors, self.keep = shape_ids.long(), azimuths.float(), anchors, keep
-        self.kept: dict[int, torch.Tensor] = {}
+        self.shape_ids, self.azimuths, self.anchors = shape_ids.long(), azimuths.float(), anchors
 
     def __len__(self) -> int:
         return len(self.shape_ids)
@@ -136,7 +136,7 @@ class EncodedLatents:
     @torch.no_grad()
     def __getitem__(self, idx) -> torch.Tensor:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        wanted = [i for i in dict.fromkeys(idx.flatten().tolist()) if i not in self.kept]
+        wanted, encoded = list(dict.fromkeys(idx.flatten().tolist())), {}
         device = next(self.vae.parameters()).device
         for s in range(0, len(wanted), 64):
             chunk = wanted[s: s + 64]
@@ -146,11 +146,8 @@ class EncodedLatents:
                 M = latents.shape[1]
                 perm = torch.from_numpy(anchor_permutation(surface[:, :M, :3].numpy(), self.anchors))
                 latents = torch.take_along_dim(latents, perm[..., None], dim=1)
-            self.kept.update(zip(chunk, latents))
-        out = torch.stack([self.kept[i] for i in idx.flatten().tolist()]).view(*idx.shape, *self.shape[1:])
-        while len(self.kept) > self.keep:
-            self.kept.pop(next(iter(self.kept)))
-        return out
+            encoded.update(zip(chunk, latents))
+        return torch.stack([encoded[i] for i in idx.flatten().tolist()]).view(*idx.shape, *self.shape[1:])
 
 
 def octahedral(normals: torch.Tensor) -> torch.Tensor:
