@@ -8,7 +8,7 @@ all 4 views (12,168 entries), with its masks binary at the 64² the lookup compa
 (a quarter of the bits of the shipped 128² masks). At 68.5 MB it does not fit the 60 MiB
 checkpoint budget: it measures what more views would give, not a file to ship. The shipped
 index since stop 26 is this one stored compactly (`train_demo.py --only reference`, whose Recipe
-defaults to `reference_views=4 reference_store=surfaces`: 31.3 MB).
+defaults to `reference_views=4 reference_store=surfaces`: 25.7 MB).
 """
 import argparse
 import sys
