@@ -151,12 +151,16 @@ class EncodedLatents:
         return torch.stack([encoded[i] for i in idx.flatten().tolist()]).view(*idx.shape, *self.shape[1:])
 
 
+def _sign(v: torch.Tensor) -> torch.Tensor:
+    """±1 with sign(0) = +1, as the octahedral map needs."""
+    return torch.where(v >= 0, 1.0, -1.0)
+
+
 def octahedral(normals: torch.Tensor) -> torch.Tensor:
     """Unit normals (..., 3) → (..., 2) int8, the octahedral map (about 1° of error at 8 bits)."""
     n = normals / normals.abs().sum(-1, keepdim=True).clamp_min(1e-12)
     x, y, z = n.unbind(-1)
-    sign = lambda v: torch.where(v >= 0, 1.0, -1.0)  # noqa: E731
-    folded = torch.stack([(1 - y.abs()) * sign(x), (1 - x.abs()) * sign(y)], -1)
+    folded = torch.stack([(1 - y.abs()) * _sign(x), (1 - x.abs()) * _sign(y)], -1)
     uv = torch.where((z < 0)[..., None], folded, torch.stack([x, y], -1))
     return (uv * 127).round().clamp(-127, 127).to(torch.int8)
 
@@ -166,8 +170,7 @@ def from_octahedral(uv: torch.Tensor) -> torch.Tensor:
     uv = uv.float() / 127
     x, y = uv.unbind(-1)
     z = 1 - x.abs() - y.abs()
-    sign = lambda v: torch.where(v >= 0, 1.0, -1.0)  # noqa: E731
-    fx, fy = (1 - y.abs()) * sign(x), (1 - x.abs()) * sign(y)
+    fx, fy = (1 - y.abs()) * _sign(x), (1 - x.abs()) * _sign(y)
     n = torch.stack([torch.where(z < 0, fx, x), torch.where(z < 0, fy, y), z], -1)
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -213,9 +216,10 @@ class ReferenceIndex:
         return self.lr[idx].float().to(pixels.device), self.hr[idx].float().to(pixels.device), idx
 
     def save(self, path: str | Path) -> None:
-        """Masks as bits, zlib-compressed (lossless; 64² silhouettes shrink about 10×), latents as int8 with one scale per channel (an error of at most half a
-        step, about 1 % of a channel's range: far below the VAE's own token noise), or, for
-        `EncodedLatents`, the surfaces: positions as int16 (|x| ≤ 1), normals octahedral int8."""
+        """Masks as bits, zlib-compressed (lossless; 64² silhouettes shrink about 10×). Latents as
+        int8 with one scale per channel (an error of at most half a step, about 1 % of a channel's
+        range: far below the VAE's own token noise), or, for `EncodedLatents`, the surfaces:
+        positions as int16 (|x| ≤ 1), normals octahedral int8."""
         n, h, w = self.dark.shape
         bits = np.packbits(self.dark.numpy().reshape(n, -1), axis=1)
         tensors = {"dark_zlib": torch.from_numpy(np.frombuffer(zlib.compress(bits.tobytes(), 9), np.uint8).copy()),

@@ -264,20 +264,21 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
 
     vae = load_model(out, "vae", r.device).eval()
     names = meta["names"]
-    azimuth = {}
-    for shape in dict.fromkeys(n.split("/")[0] for n in names):
+    shape_of = {n: n.split("/")[0] for n in names}
+    azimuth, surface = {}, {}
+    for shape in dict.fromkeys(shape_of.values()):
         cameras = json.loads((work / "renders" / shape / "cameras.json").read_text())
         azimuth |= {f"{shape}/{k}": cam["azimuth_deg"] for k, cam in enumerate(cameras)}
-    surface = {s: np.load(work / "prepared" / f"{s}.npz")["surface"] for s in dict.fromkeys(n.split("/")[0] for n in names)}
+        surface[shape] = np.load(work / "prepared" / f"{shape}.npz")["surface"]
     M = vae.cfg.hr_tokens
-    queries = np.stack([rotate_to_azimuth(surface[n.split("/")[0]][:M], azimuth[n])[:, :3].astype(np.float32)
+    queries = np.stack([rotate_to_azimuth(surface[shape_of[n]][:M], azimuth[n])[:, :3].astype(np.float32)
                         for n in names])
     fit = np.array([not is_held_out(n, left_out(r)) for n in names])
     anchors = {key: fit_anchors(queries[fit, :vae.cfg.num_tokens(key)]) for key in ("lr", "hr")}
     kept = [n for n, k in zip(names, keep.tolist()) if k]
-    shapes = list(dict.fromkeys(n.split("/")[0] for n in kept))
+    shapes = {s: i for i, s in enumerate(dict.fromkeys(shape_of[n] for n in kept))}  # shape → its row
     surfaces = torch.from_numpy(np.stack([surface[s][: vae.cfg.num_points] for s in shapes])).float()
-    ids = torch.tensor([shapes.index(n.split("/")[0]) for n in kept])
+    ids = torch.tensor([shapes[shape_of[n]] for n in kept])
     azimuths = torch.tensor([azimuth[n] for n in kept])
     dark = (silhouettes(data["images"][keep]) > 0.5).view(-1, MASK_SIZE, MASK_SIZE)
     latents = [EncodedLatents(vae, key, surfaces, ids, azimuths, anchors[key]) for key in ("lr", "hr")]
