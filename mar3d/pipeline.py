@@ -23,7 +23,8 @@ import trimesh
 from PIL import Image
 
 from .checkpoint import load_model, save_model
-from .colour import ViewFit, colour_mesh
+from .carve import carve
+from .colour import ALPHA_OBJECT, ViewFit, colour_mesh, fit_view
 from .extract import ExtractionError, extract_mesh
 from .preprocess import BACKGROUND_MODES, PreprocessResult, preprocess_image
 from .retrieval import REFERENCE_FILE, ReferenceIndex
@@ -53,6 +54,10 @@ class Settings:
     target_faces: int = 0           # 0 = keep all faces
     colour: bool = True             # paint the HR mesh's vertices from the picture (mar3d.colour)
     rerank: bool = True             # re-rank the reference candidates, for an index that can (mar3d.retrieval)
+    # trim the HR occupancy to the picture's outline, seen through the camera fitted to the LR
+    # preview (mar3d.carve), the mask grown by `carve_dilation` pixels of the condition image
+    carve: bool = False
+    carve_dilation: int = 1
     lr_mesh: bool = True            # also extract the LR mesh (the preview)
 
     def check(self) -> None:
@@ -64,11 +69,12 @@ class Settings:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
         for name, lo, hi in (("seed", 0, 2**63 - 1), ("lr_steps", 1, None), ("hr_steps", 1, None),
-                             ("diffusion_steps", 1, 1000), ("resolution", 8, 512), ("target_faces", 0, None)):
+                             ("diffusion_steps", 1, 1000), ("resolution", 8, 512), ("target_faces", 0, None),
+                             ("carve_dilation", 0, 64)):
             v = getattr(self, name)
             if not is_int(v) or v < lo or (hi is not None and v > hi):
                 bad(name, f"an integer from {lo}" + (f" to {hi}" if hi is not None else " up"))
-        for name in ("colour", "lr_mesh", "rerank"):
+        for name in ("colour", "lr_mesh", "rerank", "carve"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
         if self.background not in BACKGROUND_MODES:
@@ -180,7 +186,7 @@ class MAR3DPipeline:
         seconds["mar_lr"] = time.perf_counter() - t
 
         lr_mesh = None
-        if s.lr_mesh:
+        if s.lr_mesh or s.carve:  # carving fits the input's camera to the preview
             t = time.perf_counter()
             report("lr_mesh", 0, 1)
             try:
@@ -188,7 +194,7 @@ class MAR3DPipeline:
             except ExtractionError:  # an empty preview is no reason to stop: the HR stage may still succeed
                 lr_mesh = None
             seconds["lr_mesh"] = time.perf_counter() - t
-            if on_lr_mesh is not None:
+            if on_lr_mesh is not None and s.lr_mesh:
                 on_lr_mesh(lr_mesh)
 
         t = time.perf_counter()
@@ -198,7 +204,11 @@ class MAR3DPipeline:
 
         t = time.perf_counter()
         report("hr_mesh", 0, 1)
-        mesh = self.extract(hr_latents, s)
+        outline = None
+        mask = np.asarray(pre.rgba)[..., 3] >= ALPHA_OBJECT
+        if s.carve and lr_mesh is not None and mask.any():
+            outline = fit_view(lr_mesh, mask), mask
+        mesh = self.extract(hr_latents, s, outline=outline)
         seconds["hr_mesh"] = time.perf_counter() - t
 
         view = None
@@ -207,7 +217,7 @@ class MAR3DPipeline:
             report("colour", 0, 1)
             mesh, view = colour_mesh(mesh, pre.rgba)
             seconds["colour"] = time.perf_counter() - t
-        return Result(mesh, lr_mesh, pre.image, pre.method, seconds, lr_latents, hr_latents, view)
+        return Result(mesh, lr_mesh if s.lr_mesh else None, pre.image, pre.method, seconds, lr_latents, hr_latents, view)
 
     def preprocess(self, image, settings: Settings | None = None) -> PreprocessResult:
         """The condition image of `image` as this pipeline makes it (background, crop, size): the
@@ -251,9 +261,13 @@ class MAR3DPipeline:
                                     residual_scale=s.residual_scale)
         return self.mar_hr.denormalize(hr)
 
-    def extract(self, latents: torch.Tensor, s: Settings, resolution: int | None = None) -> trimesh.Trimesh:
+    def extract(self, latents: torch.Tensor, s: Settings, resolution: int | None = None,
+                outline: tuple[ViewFit, np.ndarray] | None = None) -> trimesh.Trimesh:
         """Mesh of the VAE occupancy field of `latents` (1, M, C) at `resolution` (default the
-        settings'); raises ExtractionError if empty."""
-        mesh, _ = extract_mesh(self.vae.occupancy_fn(latents), resolution=resolution or s.resolution,
-                               target_faces=s.target_faces or None)
+        settings'), carved to `outline` (the input's camera and object mask, mar3d.carve) if given;
+        raises ExtractionError if empty."""
+        decode = self.vae.occupancy_fn(latents)
+        if outline is not None:
+            decode = carve(decode, *outline, dilation=s.carve_dilation)
+        mesh, _ = extract_mesh(decode, resolution=resolution or s.resolution, target_faces=s.target_faces or None)
         return mesh

@@ -9,6 +9,8 @@ import pytest
 import torch
 import trimesh
 
+from mar3d.carve import outline_distance, signed_distance
+from mar3d.colour import ALPHA_OBJECT, fit_view
 from mar3d.pipeline import PREVIEW_RESOLUTION, MAR3DPipeline, Settings
 from mar3d.train import occupancy_iou
 from tests.conftest import data_image
@@ -68,11 +70,30 @@ def test_pipeline_is_seeded(pipe):
 
 
 @pytest.mark.slow
+def test_carving_trims_the_mesh_to_the_outline_and_keeps_the_tokens(pipe):
+    plain = pipe(CHAIR, FAST, seed=2, colour=False)
+    carved = pipe(CHAIR, FAST, seed=2, colour=False, carve=True, carve_dilation=0)
+    assert torch.equal(plain.hr_tokens, carved.hr_tokens)
+    cell = 2.1 / FAST.resolution
+    assert (carved.mesh.bounds[0] >= plain.mesh.bounds[0] - cell).all()
+    assert (carved.mesh.bounds[1] <= plain.mesh.bounds[1] + cell).all()
+    # seen through the camera fitted to the preview, the carved mesh lies inside the object's outline
+    mask = np.asarray(pipe.preprocess(CHAIR).rgba)[..., 3] >= ALPHA_OBJECT
+    distance = signed_distance(mask)
+    fit = fit_view(plain.lr_mesh, mask)
+    assert outline_distance(carved.mesh.vertices, fit, distance).min() > -1.0
+    assert outline_distance(plain.mesh.vertices, fit, distance).min() < -1.0  # there was something to carve
+    # carving needs the preview's camera even when no preview is asked for
+    quiet = pipe(CHAIR, FAST, seed=2, colour=False, carve=True, carve_dilation=0, lr_mesh=False)
+    assert quiet.lr_mesh is None and np.array_equal(quiet.mesh.vertices, carved.mesh.vertices)
+
+
+@pytest.mark.slow
 def test_preview_is_extracted_on_the_coarse_grid(pipe, monkeypatch):
     grids = []
     extract = pipe.extract
-    monkeypatch.setattr(pipe, "extract", lambda latents, s, resolution=None: grids.append(
-        (latents.shape[1], resolution or s.resolution)) or extract(latents, s, resolution))
+    monkeypatch.setattr(pipe, "extract", lambda latents, s, resolution=None, **kw: grids.append(
+        (latents.shape[1], resolution or s.resolution)) or extract(latents, s, resolution, **kw))
     for resolution in (32, 128):
         pipe(CHAIR, FAST, resolution=resolution)
     lr, hr = pipe.mar_lr.cfg.seq_len, pipe.mar_hr.cfg.seq_len
