@@ -23,10 +23,14 @@ once (`EncodedLatents`: int16 positions, octahedral int8 normals) with each view
 few entries a lookup needs encoded by the VAE then, as the cache encodes them (the shape turned
 into the view's frame, tokens in anchored order). Tokens of 4 views would take 62 MB; the
 surfaces take 25 MB. Masks are stored as bits, zlib-compressed (lossless).
+
+More views make a held-out picture likelier to find a training shape of its kind seen from
+nearly its own angle, and with surfaces an entry costs only its mask and azimuth (pilot V16: 16
+views of each shape, 48,672 entries, 27.7 MB). In memory the masks stay packed; a lookup compares
+every entry at 32² first and only a shortlist at 64².
 """
 
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,11 @@ from .token_order import anchor_permutation
 
 REFERENCE_FILE = "reference.safetensors"  # beside the MARs that take a reference
 MASK_SIZE = 64   # silhouettes are compared at 64² (4,096 values in [0, 1])
+# A lookup first compares every entry at 32² (a quarter of the work, and of the memory its float
+# masks take) and then its best SHORTLIST entries again at MASK_SIZE²: the exact search's choice
+# unless an entry that is not among the 256 best at 32² would be best at 64².
+COARSE_SIZE = 32
+SHORTLIST = 256
 WHITE = 245      # a pixel whose darkest channel is at least this is background
 
 
@@ -94,11 +103,16 @@ def probe_latents(probe: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 
 def rerank_cues(iou: torch.Tensor, predicted: torch.Tensor, lr: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k entries of highest IoU per query, (B, k), and their cues (B, k, 2): the IoU and minus
-    the mean squared distance of the entry's LR latents (N, L, C) to the predicted ones (B, L, C)."""
-    top = iou.topk(min(k, iou.shape[1]), dim=1).indices                      # (B, k)
+    """The k entries of highest IoU (B, N) per query, (B, k), and their cues (`candidate_cues`)."""
+    top = iou.topk(min(k, iou.shape[1]), dim=1).indices  # (B, k)
+    return top, candidate_cues(top, iou.gather(1, top), predicted, lr)
+
+
+def candidate_cues(top: torch.Tensor, iou: torch.Tensor, predicted: torch.Tensor, lr) -> torch.Tensor:
+    """Cues (B, k, 2) of candidates `top` (B, k) whose IoU is `iou` (B, k): the IoU and minus the
+    mean squared distance of the entry's LR latents (N, L, C) to the predicted ones (B, L, C)."""
     near = -(lr[top].float() - predicted[:, None].float()).pow(2).mean((2, 3))  # (B, k)
-    return top, torch.stack([iou.gather(1, top), near], dim=-1)
+    return torch.stack([iou, near], dim=-1)
 
 
 def fit_rerank_weights(cues: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -175,43 +189,72 @@ def from_octahedral(uv: torch.Tensor) -> torch.Tensor:
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-@dataclass
 class ReferenceIndex:
     """Training renders' object masks (N, H, W) bool and the VAE latents of their shapes in each
     render's frame: LR (N, L_lr, C) and HR (N, L_hr, C). With a `probe` (D + 1, C_lr) on the MAR-LR's
-    image features and `weights` (2,), `lookup` re-ranks the top `candidates` by IoU (module docstring)."""
-    dark: torch.Tensor
-    lr: torch.Tensor | EncodedLatents
-    hr: torch.Tensor | EncodedLatents
-    probe: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    candidates: int = 6
+    image features and `weights` (2,), `lookup` re-ranks the top `candidates` by IoU (module docstring).
+    The masks are held as packed bits plus COARSE_SIZE² floats for the lookup's first pass."""
 
-    def __post_init__(self):
-        if not (len(self.dark) == len(self.lr) == len(self.hr)) or len(self.dark) == 0:
+    def __init__(self, dark: torch.Tensor, lr, hr, probe: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None, candidates: int = 6):
+        if not (len(dark) == len(lr) == len(hr)) or len(dark) == 0:
             raise ValueError(f"a reference index needs as many masks as latents, and some: "
-                             f"{len(self.dark)} / {len(self.lr)} / {len(self.hr)}")
-        self.masks = pool(self.dark)  # (N, D)
-        if (self.probe is None) != (self.weights is None):
+                             f"{len(dark)} / {len(lr)} / {len(hr)}")
+        if (probe is None) != (weights is None):
             raise ValueError("a re-ranking index needs both its probe and its weights")
+        self.lr, self.hr, self.probe, self.weights, self.candidates = lr, hr, probe, weights, candidates
+        self.mask_shape = tuple(dark.shape[1:])
+        self.bits = np.packbits(dark.numpy().reshape(len(dark), -1), axis=1)  # (N, H·W/8) uint8
+        self.coarse = pool(dark, COARSE_SIZE)  # (N, COARSE_SIZE²)
+
+    def __len__(self) -> int:
+        return len(self.bits)
 
     @property
     def reranks(self) -> bool:
         return self.probe is not None
+
+    @property
+    def dark(self) -> torch.Tensor:
+        """The masks (N, H, W) bool, unpacked."""
+        return self.masks_of(torch.arange(len(self)))
+
+    def masks_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """The masks (*idx.shape, H, W) bool of entries `idx`."""
+        h, w = self.mask_shape
+        flat = np.unpackbits(self.bits[idx.flatten().numpy()], axis=1, count=h * w)
+        return torch.from_numpy(flat.astype(bool)).view(*idx.shape, h, w)
+
+    def exact_iou(self, queries: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Exact IoU (Q, N) of query silhouettes (Q, MASK_SIZE²) with every entry (training stages)."""
+        return torch.cat([silhouette_iou(queries, pool(self.masks_of(torch.arange(s, min(s + chunk, len(self))))))
+                          for s in range(0, len(self), chunk)], 1)
+
+    def shortlist_iou(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k entries (Q, k) of highest silhouette IoU with each query (Q, MASK_SIZE²), best first,
+        and their IoU (Q, k): SHORTLIST by IoU at COARSE_SIZE², then exact at MASK_SIZE²."""
+        small = F.adaptive_avg_pool2d(queries.view(-1, 1, MASK_SIZE, MASK_SIZE), COARSE_SIZE).flatten(1)
+        short = silhouette_iou(small, self.coarse).topk(min(SHORTLIST, len(self)), dim=1).indices  # (Q, S)
+        keys = pool(self.masks_of(short).flatten(0, 1)).view(*short.shape, -1)                  # (Q, S, D)
+        inter = (queries[:, None] * keys).sum(-1)
+        iou = inter / (queries.sum(-1, keepdim=True) + keys.sum(-1) - inter).clamp_min(1e-6)
+        best = iou.topk(min(k, iou.shape[1]), dim=1)
+        return short.gather(1, best.indices), best.values
 
     def lookup(self, pixels: torch.Tensor, features: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For condition images (B, 3, H, W) in [0, 1]: the chosen entries' LR and HR latents
         (float32) and their indices. The nearest silhouette, or, given the MAR-LR's image
         `features` (B, L_lr, D) and an index that re-ranks, the best of its candidates."""
+        queries = silhouettes(pixels.cpu())
         if features is None or not self.reranks:
-            idx = nearest(silhouettes(pixels.cpu()), self.masks)
+            idx = self.shortlist_iou(queries, 1)[0][:, 0]
         else:
             if features.shape[1:] != (self.lr.shape[1], self.probe.shape[0] - 1):
                 raise ValueError(f"this index's probe reads ({self.lr.shape[1]}, {self.probe.shape[0] - 1}) "
                                  f"image features, got {tuple(features.shape[1:])}: another image encoder's")
-            iou = silhouette_iou(silhouettes(pixels.cpu()), self.masks)
-            top, cues = rerank_cues(iou, probe_latents(self.probe, features.cpu()), self.lr, self.candidates)
+            top, iou = self.shortlist_iou(queries, self.candidates)
+            cues = candidate_cues(top, iou, probe_latents(self.probe, features.cpu()), self.lr)
             idx = top.gather(1, (cues @ self.weights).argmax(1, keepdim=True))[:, 0]
         return self.lr[idx].float().to(pixels.device), self.hr[idx].float().to(pixels.device), idx
 
@@ -220,10 +263,8 @@ class ReferenceIndex:
         int8 with one scale per channel (an error of at most half a step, about 1 % of a channel's
         range: far below the VAE's own token noise), or, for `EncodedLatents`, the surfaces:
         positions as int16 (|x| ≤ 1), normals octahedral int8."""
-        n, h, w = self.dark.shape
-        bits = np.packbits(self.dark.numpy().reshape(n, -1), axis=1)
-        tensors = {"dark_zlib": torch.from_numpy(np.frombuffer(zlib.compress(bits.tobytes(), 9), np.uint8).copy()),
-                   "dark_shape": torch.tensor([n, h, w])}
+        tensors = {"dark_zlib": torch.from_numpy(np.frombuffer(zlib.compress(self.bits.tobytes(), 9), np.uint8).copy()),
+                   "dark_shape": torch.tensor([len(self), *self.mask_shape])}
         if isinstance(self.lr, EncodedLatents):
             lr, hr = self.lr, self.hr
             if lr.surfaces.float().abs()[..., :3].max() > 1:

@@ -74,8 +74,8 @@ def main(argv=None) -> None:
     index = ReferenceIndex.load(ckpt / REFERENCE_FILE, vae=load_model(ckpt, "vae"))
     # the index holds view 0 of every training shape, in the cache's (name-sorted) order
     names = [f.stem for f in sorted((work / "prepared").glob("*.npz")) if not is_held_out(f.stem, left_out(r))]
-    if len(names) != len(index.masks):
-        raise SystemExit(f"{len(names)} training shapes in {work} but {len(index.masks)} index entries")
+    if len(names) != len(index):
+        raise SystemExit(f"{len(names)} training shapes in {work} but {len(index)} index entries")
     vae, encoder = load_model(ckpt, "vae"), load_model(ckpt, "mar_hr").image_encoder.eval()
 
     def pixels(name: str) -> torch.Tensor:
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     for npz in validation_shapes(work, r, args.shapes, "spread", args.split)[shard::shards]:
         _, gt = ground_truth(work, npz)
         query = pixels(npz.stem)
-        iou = silhouette_iou(silhouettes(query), index.masks)[0]
+        iou = index.exact_iou(silhouettes(query))[0]
         top = iou.topk(args.k).indices.tolist()
         row = {"shape": npz.stem, "cands": [
             {"entry": j, "name": names[j], "iou64": float(iou[j]), **cues(encoder, query, pixels(names[j])),

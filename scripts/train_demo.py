@@ -38,6 +38,7 @@ from mar3d.geometry import PrepareConfig  # noqa: E402
 from mar3d.image_encoder import ImageEncoderConfig  # noqa: E402
 from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
 from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
+from mar3d.preprocess import preprocess_image  # noqa: E402
 from mar3d.render import Camera, render_views, rotate_to_view  # noqa: E402
 from mar3d.shapes import build_dataset  # noqa: E402
 from mar3d.single_view import OccConfig, ReconConfig  # noqa: E402
@@ -91,7 +92,12 @@ class Recipe:
     mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
     reference_views: int = 4     # views of each training shape the shipped index keeps (stop 24: 1; pilot V4: all 4)
     reference_store: str = "surfaces"  # the index holds each shape's "surfaces" once (V4), or int8 "latents" per entry
-    rerank_candidates: int = 6   # the index re-ranks this many top-IoU entries (0: no re-ranker; pilot RL)
+    # views of each training shape rendered for the index alone, beyond the cache's (their masks and
+    # azimuths; needs "surfaces"): pilot V16, 4 + 12 = 16 views, 48,672 entries
+    reference_extra_views: int = 12
+    # the index re-ranks this many top-IoU entries (0: no re-ranker). Pilot RL (stop 24) fitted one
+    # for 1 view per shape; at 16 views it is level with the IoU's own pick (pilot V16): none since stop 27
+    rerank_candidates: int = 0
     rerank_queries: int = 600    # training shapes whose candidates fit the re-ranker's two weights
     parallel_mar: bool = True    # MAR-LR and MAR-HR at once, one thread each (CPU)
     eval_shapes: int = 200       # held-out shapes scored by the evaluation stages (all there are, ≈ 130)
@@ -244,6 +250,8 @@ def stage_reference(r: Recipe, work: Path, out: Path) -> None:
     keep = torch.tensor([in_reference_index(r, n) for n in meta["names"]])
     if r.reference_store == "surfaces":
         return done(**surface_index(r, work, out, data, meta, keep))
+    if r.reference_extra_views:
+        raise ValueError("reference_extra_views needs reference_store 'surfaces' (an entry's latents come from its surface)")
     if r.reference_store != "latents":
         raise ValueError(f"reference_store must be 'latents' or 'surfaces', not {r.reference_store!r}")
     build_index(data["images"][keep], data["lr"][keep], data["hr"][keep]).save(out / REFERENCE_FILE)
@@ -281,6 +289,17 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
     ids = torch.tensor([shapes[shape_of[n]] for n in kept])
     azimuths = torch.tensor([azimuth[n] for n in kept])
     dark = (silhouettes(data["images"][keep]) > 0.5).view(-1, MASK_SIZE, MASK_SIZE)
+    if r.reference_extra_views:  # more views of each shape, masks only: appended after the cache's entries
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(r.workers) as pool:
+            image_size = MAR_PRESETS["tiny"].image_encoder.image_size  # the cache's condition images
+            extra = pool.map(extra_index_views, [(work, s, r.reference_extra_views, r.render_size, image_size)
+                                                 for s in shapes],
+                             chunksize=16)
+        dark = torch.cat([dark, *(m for m, _ in extra)])
+        ids = torch.cat([ids, torch.tensor(list(shapes.values())).repeat_interleave(r.reference_extra_views)])
+        azimuths = torch.cat([azimuths, *(a for _, a in extra)])
     latents = [EncodedLatents(vae, key, surfaces, ids, azimuths, anchors[key]) for key in ("lr", "hr")]
     ReferenceIndex(dark, *latents).save(out / REFERENCE_FILE)
     saved = ReferenceIndex.load(out / REFERENCE_FILE, vae=vae)
@@ -296,7 +315,26 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
             occ = lambda x: torch.stack([vae.occupancy_fn(z[None])(grid).reshape(-1) > 0 for z in x])  # noqa: E731
             ious = silhouette_iou(occ(getattr(saved, key)[at]).float(), occ(cached).float()).diagonal()
         check[f"{key}_stored_iou24_min"] = round(float(ious.min()), 4)
-    return dict(entries=int(keep.sum()), shapes=len(shapes), **check)
+    return dict(entries=len(dark), cache_entries=int(keep.sum()), shapes=len(shapes), **check)
+
+
+def extra_index_views(job) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks (n, 64, 64) bool, azimuths (n,)) of n more random views of a prepared shape, made as
+    the cache makes its condition images (render, then preprocess), for the reference index only."""
+    from mar3d.geometry import load_mesh
+    from mar3d.retrieval import MASK_SIZE, silhouettes
+
+    work, shape, n, size, image_size = job
+    data = np.load(work / "prepared" / f"{shape}.npz")
+    mesh = load_mesh(work / "shapes" / str(data["source"]))
+    mesh.vertices = (mesh.vertices - data["center"]) * data["scale"]
+    rng = np.random.default_rng(shape_seed(shape) + 2)  # other draws than the cache's views (+ 1)
+    images, azimuths = [], []
+    for rgba, camera in render_views(mesh, n, rng, size=size):
+        images.append(np.asarray(preprocess_image(Image.fromarray(rgba), "auto", 0.85, size=image_size).image))
+        azimuths.append(camera.azimuth_deg)
+    masks = silhouettes(torch.from_numpy(np.stack(images))) > 0.5
+    return masks.view(n, MASK_SIZE, MASK_SIZE), torch.tensor(azimuths)
 
 
 def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
@@ -307,8 +345,8 @@ def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
     fitted to, each candidate's 24³ occupancy IoU with the query's own shape (LR latents decoded)."""
     from mar3d.cache import load_cache
     from mar3d.data import is_held_out
-    from mar3d.retrieval import (REFERENCE_FILE, ReferenceIndex, fit_probe, fit_rerank_weights, probe_latents,
-                                 rerank_cues, silhouette_iou, silhouettes)
+    from mar3d.retrieval import (REFERENCE_FILE, EncodedLatents, ReferenceIndex, fit_probe, fit_rerank_weights,
+                                 probe_latents, rerank_cues, silhouettes)
 
     done = timed_stage(work, "rerank")
     index = ReferenceIndex.load(out / REFERENCE_FILE, vae=load_model(out, "vae", r.device)) if r.mar_reference else None
@@ -334,9 +372,13 @@ def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
     rng = np.random.default_rng(0)
     others = [i for i in indexed if shape[i] not in probe_shapes]
     queries = sorted(rng.choice(others, min(r.rerank_queries, len(others)), replace=False).tolist())
-    iou = silhouette_iou(silhouettes(data["images"][queries]), index.masks)
+    iou = index.exact_iou(silhouettes(data["images"][queries]))
     shape_id = {s: k for k, s in enumerate(shapes)}
-    own = torch.tensor([shape_id[shape[i]] for i in queries])[:, None] == torch.tensor([shape_id[shape[i]] for i in indexed])
+    # each entry's shape: an index of surfaces names its surface row (training shapes in name order,
+    # as `shapes`), one of latents holds the cache's indexed entries in order
+    entry_shape = index.lr.shape_ids if isinstance(index.lr, EncodedLatents) else \
+        torch.tensor([shape_id[shape[i]] for i in indexed])
+    own = torch.tensor([shape_id[shape[i]] for i in queries])[:, None] == entry_shape[None]
     iou[own] = -1.0  # never the query's own shape
     top, cues = rerank_cues(iou, probe_latents(probe, features(queries)), index.lr, r.rerank_candidates)
     side = torch.linspace(-0.95, 0.95, 24)
