@@ -6,6 +6,7 @@ cascade of tests/conftest.py, behind `Switchboard`: the real pipeline, which als
 requests start in and can hold them at a gate or make one fail midway.
 """
 
+import inspect
 import io
 import json
 import math
@@ -46,7 +47,9 @@ FAST = dict(lr_steps=4, hr_steps=8, diffusion_steps=25, resolution="64")
 NO_PHONING_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
 # The /generate parameters after the image, in order, with the FAST settings.
 # the API's parameters in order: every Settings field the page has a control for, then the format
-PARAMS = {**{k: v for k, v in vars(Settings()).items() if k not in ("lr_mesh", "rerank")}, **FAST, "export_format": "glb"}
+# (the Settings fields the page has widgets for: app.settings_of's parameters, in its order)
+PARAMS = {**{k: getattr(Settings(), k) for k in inspect.signature(app.settings_of).parameters}, **FAST,
+          "export_format": "glb"}
 PARAMS["resolution"] = str(PARAMS["resolution"])
 
 
