@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .colour import ViewFit
+from .colour import ViewFit, bilinear
 from .extract import DecodeFn
 
 SLOPE = 2.0  # logit per pixel of the condition image: 5 pixels outside the outline is −10 (p ≈ 5e-5)
@@ -47,14 +47,8 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
 def outline_distance(points: np.ndarray, fit: ViewFit, distance: np.ndarray) -> np.ndarray:
     """(N,): `distance` (H, H), an image framed as the fit's, sampled bilinearly where the points
     (N, 3), in the view's frame, project (pixel centres at i + 0.5; clamped at the border)."""
-    size = distance.shape[0]
-    uv = fit.project(np.asarray(points, np.float64), size=size) - 0.5
-    x, y = np.clip(uv[:, 0], 0.0, size - 1.0), np.clip(uv[:, 1], 0.0, size - 1.0)
-    x0, y0 = np.minimum(x.astype(np.int64), size - 2), np.minimum(y.astype(np.int64), size - 2)
-    fx, fy = x - x0, y - y0
-    top = distance[y0, x0] * (1 - fx) + distance[y0, x0 + 1] * fx
-    bottom = distance[y0 + 1, x0] * (1 - fx) + distance[y0 + 1, x0 + 1] * fx
-    return top * (1 - fy) + bottom * fy
+    uv = fit.project(np.asarray(points, np.float64), size=distance.shape[0])
+    return bilinear(distance[..., None], uv)[:, 0]
 
 
 def carve(decode_fn: DecodeFn, fit: ViewFit, mask: np.ndarray, dilation: float = 0.0) -> DecodeFn:

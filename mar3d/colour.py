@@ -161,7 +161,7 @@ def seen_vertices(mesh: trimesh.Trimesh, fit: ViewFit) -> np.ndarray:
     return seen
 
 
-def _bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+def bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
     """Sample image (H, W, C) at pixel coordinates uv (N, 2) (pixel centres at i + 0.5), clamped."""
     h, w = image.shape[:2]
     x = np.clip(uv[:, 0] - 0.5, 0.0, w - 1.0)
@@ -195,7 +195,7 @@ def vertex_colours(mesh: trimesh.Trimesh, rgba, fit: ViewFit) -> tuple[np.ndarra
     v = np.asarray(mesh.vertices)
     lin = np.empty((len(v), 3))
     if seen.any():
-        lin[seen] = _bilinear(colours_lin, fit.project(v[seen], size=rgba.shape[0]))
+        lin[seen] = bilinear(colours_lin, fit.project(v[seen], size=rgba.shape[0]))
         if (~seen).any():
             _, nearest = cKDTree(v[seen]).query(v[~seen])
             lin[~seen] = lin[seen][nearest]

@@ -205,9 +205,9 @@ class MAR3DPipeline:
         t = time.perf_counter()
         report("hr_mesh", 0, 1)
         outline = None
-        mask = np.asarray(pre.rgba)[..., 3] >= ALPHA_OBJECT
-        if s.carve and lr_mesh is not None and mask.any():
-            outline = fit_view(lr_mesh, mask), mask
+        if s.carve and lr_mesh is not None:
+            mask = np.asarray(pre.rgba)[..., 3] >= ALPHA_OBJECT
+            outline = (fit_view(lr_mesh, mask), mask) if mask.any() else None
         mesh = self.extract(hr_latents, s, outline=outline)
         seconds["hr_mesh"] = time.perf_counter() - t
 

@@ -197,15 +197,26 @@ class ReferenceIndex:
 
     def __init__(self, dark: torch.Tensor, lr, hr, probe: torch.Tensor | None = None,
                  weights: torch.Tensor | None = None, candidates: int = 6):
-        if not (len(dark) == len(lr) == len(hr)) or len(dark) == 0:
+        self._hold(np.packbits(dark.numpy().reshape(len(dark), -1), axis=1), tuple(dark.shape[1:]), lr, hr,
+                   probe, weights, candidates)
+
+    @classmethod
+    def from_bits(cls, bits: np.ndarray, mask_shape: tuple[int, int], lr, hr, **rerank) -> "ReferenceIndex":
+        """The index of masks packed row-major as bits (N, H·W/8) uint8, never unpacked all at once."""
+        index = cls.__new__(cls)
+        index._hold(bits, tuple(mask_shape), lr, hr, **rerank)
+        return index
+
+    def _hold(self, bits, mask_shape, lr, hr, probe=None, weights=None, candidates=6, chunk: int = 4096):
+        if not (len(bits) == len(lr) == len(hr)) or len(bits) == 0:
             raise ValueError(f"a reference index needs as many masks as latents, and some: "
-                             f"{len(dark)} / {len(lr)} / {len(hr)}")
+                             f"{len(bits)} / {len(lr)} / {len(hr)}")
         if (probe is None) != (weights is None):
             raise ValueError("a re-ranking index needs both its probe and its weights")
         self.lr, self.hr, self.probe, self.weights, self.candidates = lr, hr, probe, weights, candidates
-        self.mask_shape = tuple(dark.shape[1:])
-        self.bits = np.packbits(dark.numpy().reshape(len(dark), -1), axis=1)  # (N, H·W/8) uint8
-        self.coarse = pool(dark, COARSE_SIZE)  # (N, COARSE_SIZE²)
+        self.bits, self.mask_shape = bits, mask_shape  # (N, H·W/8) uint8
+        self.coarse = torch.cat([pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
+                                 for s in range(0, len(bits), chunk)])  # (N, COARSE_SIZE²)
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -290,17 +301,17 @@ class ReferenceIndex:
         n, h, w = t["dark_shape"].tolist()
         bits = (np.frombuffer(zlib.decompress(t["dark_zlib"].numpy().tobytes()), np.uint8).reshape(n, -1)
                 if "dark_zlib" in t else t["dark"].numpy())  # files before stop 26: the bits as they are
-        dark = torch.from_numpy(np.unpackbits(bits, axis=1, count=h * w).reshape(n, h, w).astype(bool))
         rerank = {"probe": t["probe"], "weights": t["weights"], "candidates": int(t["candidates"])} if "probe" in t else {}
         if "xyz" not in t:
-            return cls(dark, *(dequantize(t[key], t[f"{key}_scale"]) for key in ("lr", "hr")), **rerank)
+            return cls.from_bits(bits, (h, w), *(dequantize(t[key], t[f"{key}_scale"]) for key in ("lr", "hr")),
+                                 **rerank)
         if vae is None:
             raise ValueError(f"{path} stores surfaces, not latents: load it with the VAE that encodes them")
         surfaces = torch.cat([t["xyz"].float() / 32767, from_octahedral(t["normals"])], -1)
         lr, hr = (EncodedLatents(vae, key, surfaces, t["shape_ids"], t["azimuths"],
                                  t[f"{key}_anchors"].numpy() if f"{key}_anchors" in t else None)
                   for key in ("lr", "hr"))
-        return cls(dark, lr, hr, **rerank)
+        return cls.from_bits(bits, (h, w), lr, hr, **rerank)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -292,8 +292,8 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
     if r.reference_extra_views:  # more views of each shape, masks only: appended after the cache's entries
         import multiprocessing as mp
 
+        image_size = MAR_PRESETS["tiny"].image_encoder.image_size  # the cache's condition images
         with mp.get_context("spawn").Pool(r.workers) as pool:
-            image_size = MAR_PRESETS["tiny"].image_encoder.image_size  # the cache's condition images
             extra = pool.map(extra_index_views, [(work, s, r.reference_extra_views, r.render_size, image_size)
                                                  for s in shapes],
                              chunksize=16)
