@@ -28,9 +28,18 @@ More views make a held-out picture likelier to find a training shape of its kind
 nearly its own angle, and with surfaces an entry costs only its mask and azimuth (pilot V16: 16
 views of each shape, 48,672 entries, 27.7 MB). In memory the masks stay packed; a lookup compares
 every entry at 32² first and only a shortlist at 64².
+
+More shapes pay too (pilot S4: the index of 4 times as many procedural shapes as the models
+trained on). A procedural shape is a function of its name (mar3d.shapes is deterministic), so the
+index stores only its name and its masks, and a lookup makes the shape it picks again
+(`ShapeSurfaces`, about 50 ms); only shapes a clone cannot make (the real meshes' variants) keep
+their surface points in the file.
 """
 
+import json
+import re
 import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +132,80 @@ def fit_rerank_weights(cues: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return torch.linalg.lstsq(x, y[:, None]).solution[:, 0].float()
 
 
+@dataclass(frozen=True)
+class SurfaceRecipe:
+    """How data preparation made a procedural shape's surface points (scripts/train_demo.py's
+    shapes and prepare stages): mar3d.shapes.make_shape at the dataset seed, normalised into the
+    vertical cylinder of `extent`, `num_surface` area-weighted samples in FPS order, seeded by
+    the shape's name."""
+
+    dataset_seed: int = 0
+    extent: float = 1.9
+    normalize: str = "cylinder"
+    num_surface: int = 4096
+
+
+PROCEDURAL_NAME = re.compile(r"^([a-z_]+?)_(\d{5})$")  # "<family>_<number>", e.g. "chair_00042"
+
+
+def procedural_surface(name: str, num_points: int, recipe: SurfaceRecipe = SurfaceRecipe()
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num_points` FPS surface points (P, 6) float32 of procedural shape `name`, as data
+    preparation made them, and the normalised mesh's extent (3,) (a check that the generator still
+    makes the shape it made)."""
+    from .geometry import fps_order, normalize_mesh, sample_surface
+    from .prepare import shape_seed
+    from .shapes import make_shape
+    from .shapes import shape_seed as dataset_shape_seed
+
+    match = PROCEDURAL_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a procedural shape's name (<family>_<5 digits>)")
+    family, number = match.group(1), int(match.group(2))
+    mesh = make_shape(family, dataset_shape_seed(recipe.dataset_seed, family, number))
+    mesh, _, _ = normalize_mesh(mesh, recipe.extent, recipe.normalize)
+    rng = np.random.default_rng(shape_seed(name))
+    surface = sample_surface(mesh, recipe.num_surface, rng)
+    surface = surface[fps_order(surface[:, :3], rng)][:num_points]
+    return surface, (mesh.bounds[1] - mesh.bounds[0]).astype(np.float32)
+
+
+class ShapeSurfaces:
+    """The FPS surface points (P, 6) of an index's shapes, by row: the `stored` ones (S, P, 6) first,
+    then the procedural shapes `names`, made again by `procedural_surface` when asked for (nothing
+    cached: no state shared by the app's concurrent requests). `extents` (len(names), 3) are their
+    normalised extents when the index was built, for `check`."""
+
+    def __init__(self, stored: torch.Tensor, names: list[str] = (), extents: torch.Tensor | None = None,
+                 recipe: SurfaceRecipe = SurfaceRecipe()):
+        self.stored, self.names, self.recipe = stored, list(names), recipe
+        self.extents = torch.zeros(len(self.names), 3) if extents is None else extents.float()
+        if len(self.extents) != len(self.names):
+            raise ValueError(f"{len(self.names)} procedural shapes with {len(self.extents)} extents")
+
+    def __len__(self) -> int:
+        return len(self.stored) + len(self.names)
+
+    @property
+    def num_points(self) -> int:
+        return self.stored.shape[1]
+
+    def __getitem__(self, i) -> torch.Tensor:
+        i = int(i)
+        if i < len(self.stored):
+            return self.stored[i]
+        if not len(self.stored) <= i < len(self):
+            raise IndexError(f"shape {i} of {len(self)}")
+        return torch.from_numpy(procedural_surface(self.names[i - len(self.stored)], self.num_points, self.recipe)[0])
+
+    def check(self, rows: list[int]) -> float:
+        """The largest difference between the extents of procedural shapes `rows` (0-based among
+        the procedural ones) made now and when the index was built: near 0 unless the generator
+        changed since."""
+        return max((float(np.abs(procedural_surface(self.names[r], 1, self.recipe)[1] - self.extents[r].numpy()).max())
+                    for r in rows), default=0.0)
+
+
 class EncodedLatents:
     """Stands in for an index's latents (N, L, C): entry i is shape `shape_ids[i]`'s surface
     (S, P, 6) turned into the frame of a camera at `azimuths[i]`, encoded by `vae` (`tokens` "lr" or
@@ -130,8 +213,9 @@ class EncodedLatents:
     them). Indexing with any integer tensor encodes the entries it names, each once; nothing is
     kept between calls (no state shared by the app's concurrent requests)."""
 
-    def __init__(self, vae, tokens: str, surfaces: torch.Tensor, shape_ids: torch.Tensor, azimuths: torch.Tensor,
+    def __init__(self, vae, tokens: str, surfaces, shape_ids: torch.Tensor, azimuths: torch.Tensor,
                  anchors: np.ndarray | None = None):
+        surfaces = surfaces if isinstance(surfaces, ShapeSurfaces) else ShapeSurfaces(surfaces)
         if len(shape_ids) != len(azimuths) or len(shape_ids) == 0 or int(shape_ids.max()) >= len(surfaces):
             raise ValueError(f"{len(shape_ids)} entries with {len(azimuths)} azimuths over {len(surfaces)} surfaces")
         self.vae, self.tokens, self.surfaces = vae, tokens, surfaces
@@ -215,8 +299,11 @@ class ReferenceIndex:
             raise ValueError("a re-ranking index needs both its probe and its weights")
         self.lr, self.hr, self.probe, self.weights, self.candidates = lr, hr, probe, weights, candidates
         self.bits, self.mask_shape = bits, mask_shape  # (N, H·W/8) uint8
-        self.coarse = torch.cat([pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
-                                 for s in range(0, len(bits), chunk)])  # (N, COARSE_SIZE²)
+        # (N, COARSE_SIZE²) uint8: the count of mask pixels in each coarse cell (a quarter of the
+        # memory of floats: 190 MB for pilot S4's 185,000 entries)
+        self._cell = mask_shape[0] * mask_shape[1] // COARSE_SIZE**2
+        self.coarse = torch.cat([(pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
+                                  * self._cell).round().to(torch.uint8) for s in range(0, len(bits), chunk)])
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -245,7 +332,9 @@ class ReferenceIndex:
         """The k entries (Q, k) of highest silhouette IoU with each query (Q, MASK_SIZE²), best first,
         and their IoU (Q, k): SHORTLIST by IoU at COARSE_SIZE², then exact at MASK_SIZE²."""
         small = F.adaptive_avg_pool2d(queries.view(-1, 1, MASK_SIZE, MASK_SIZE), COARSE_SIZE).flatten(1)
-        short = silhouette_iou(small, self.coarse).topk(min(SHORTLIST, len(self)), dim=1).indices  # (Q, S)
+        coarse = torch.cat([silhouette_iou(small, self.coarse[s: s + 16384].float() / self._cell)
+                            for s in range(0, len(self), 16384)], 1)
+        short = coarse.topk(min(SHORTLIST, len(self)), dim=1).indices  # (Q, S)
         keys = pool(self.masks_of(short).flatten(0, 1)).view(*short.shape, -1)                  # (Q, S, D)
         inter = (queries[:, None] * keys).sum(-1)
         iou = inter / (queries.sum(-1, keepdim=True) + keys.sum(-1) - inter).clamp_min(1e-6)
@@ -278,11 +367,16 @@ class ReferenceIndex:
                    "dark_shape": torch.tensor([len(self), *self.mask_shape])}
         if isinstance(self.lr, EncodedLatents):
             lr, hr = self.lr, self.hr
-            if lr.surfaces.float().abs()[..., :3].max() > 1:
+            stored = lr.surfaces.stored
+            if stored.float().abs()[..., :3].max() > 1:
                 raise ValueError("surface positions must lie in [-1, 1] to be stored as int16")
-            tensors |= {"xyz": (lr.surfaces[..., :3].float() * 32767).round().to(torch.int16).contiguous(),
-                        "normals": octahedral(lr.surfaces[..., 3:].float()).contiguous(),
+            tensors |= {"xyz": (stored[..., :3].float() * 32767).round().to(torch.int16).contiguous(),
+                        "normals": octahedral(stored[..., 3:].float()).contiguous(),
                         "shape_ids": lr.shape_ids.int(), "azimuths": lr.azimuths.float()}
+            if lr.surfaces.names:  # procedural shapes: their names (utf-8 json), extents and recipe
+                meta = json.dumps({"names": lr.surfaces.names, "recipe": asdict(lr.surfaces.recipe)})
+                tensors |= {"procedural": torch.frombuffer(bytearray(meta.encode()), dtype=torch.uint8),
+                            "procedural_extents": lr.surfaces.extents.float().contiguous()}
             for key, latents in (("lr", lr), ("hr", hr)):
                 if latents.anchors is not None:
                     tensors[f"{key}_anchors"] = torch.from_numpy(np.asarray(latents.anchors, dtype=np.float64))
@@ -307,7 +401,11 @@ class ReferenceIndex:
                                  **rerank)
         if vae is None:
             raise ValueError(f"{path} stores surfaces, not latents: load it with the VAE that encodes them")
-        surfaces = torch.cat([t["xyz"].float() / 32767, from_octahedral(t["normals"])], -1)
+        surfaces = ShapeSurfaces(torch.cat([t["xyz"].float() / 32767, from_octahedral(t["normals"])], -1))
+        if "procedural" in t:
+            meta = json.loads(t["procedural"].numpy().tobytes().decode())
+            surfaces = ShapeSurfaces(surfaces.stored, meta["names"], t["procedural_extents"],
+                                     SurfaceRecipe(**meta["recipe"]))
         lr, hr = (EncodedLatents(vae, key, surfaces, t["shape_ids"], t["azimuths"],
                                  t[f"{key}_anchors"].numpy() if f"{key}_anchors" in t else None)
                   for key in ("lr", "hr"))

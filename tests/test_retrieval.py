@@ -260,4 +260,51 @@ def test_surface_index_encodes_each_views_turned_shape_like_the_cache(tmp_path, 
     got_lr, got_hr, idx = loaded.lookup(drawn("bar", shift=-38).permute(2, 0, 1)[None].float() / 255)
     assert idx.tolist() == [4]
     torch.testing.assert_close(got_hr[0], expected[4], atol=0.05 * expected.abs().max().item(), rtol=0)
-    assert (loaded.hr.surfaces - surfaces).abs().max() < 0.02  # normals off by ≤ 1.5°, positions by 1/65534
+    assert (loaded.hr.surfaces.stored - surfaces).abs().max() < 0.02  # normals off by ≤ 1.5°, positions by 1/65534
+
+
+def test_procedural_shapes_are_made_again_as_data_preparation_made_them(tmp_path):
+    """An index may name procedural shapes instead of storing their surfaces (pilot S4): a lookup
+    makes the shape again from its name. The surface must be the one the shapes and prepare
+    stages write for that name (same points, same FPS order), survive a save and load beside
+    stored surfaces, and a changed generator must show in `check`."""
+    from mar3d.geometry import PrepareConfig, load_mesh, normalize_mesh, prepare_shape
+    from mar3d.prepare import shape_seed
+    from mar3d.shapes import _write_ply, make_shape
+    from mar3d.shapes import shape_seed as dataset_seed
+    from mar3d.vae import PyramidVAE
+    from tests.conftest import MICRO_VAE
+
+    # the stages' way: a PLY file of the dataset, loaded, normalised, sampled (its first points)
+    _write_ply(make_shape("mug", dataset_seed(0, "mug", 7)), tmp_path / "mug_00007.ply")
+    mesh, _, _ = normalize_mesh(load_mesh(tmp_path / "mug_00007.ply"), 1.9, "cylinder")
+    cfg = PrepareConfig(num_surface=4096, num_uniform=8, num_near=8, normalize="cylinder")
+    staged = prepare_shape(mesh, cfg, shape_seed("mug_00007"))["surface"][:256]
+    made, extent = retrieval.procedural_surface("mug_00007", 256)
+    np.testing.assert_allclose(made, staged, atol=1e-4)
+    np.testing.assert_allclose(extent, mesh.extents, atol=1e-5)
+    with pytest.raises(ValueError, match="procedural"):
+        retrieval.procedural_surface("real__spot@03", 256)
+
+    torch.manual_seed(0)
+    vae = PyramidVAE(MICRO_VAE).eval()
+    P = MICRO_VAE.num_points
+    names = ["mug_00007", "table_00003"]
+    extents = torch.from_numpy(np.stack([retrieval.procedural_surface(n, 1)[1] for n in names]))
+    stored = torch.from_numpy(retrieval.procedural_surface("chair_00001", P)[0])[None]
+    surfaces = retrieval.ShapeSurfaces(stored, names, extents)
+    assert len(surfaces) == 3 and surfaces.check([0, 1]) < 1e-5
+    ids, azimuths = torch.tensor([0, 1, 2, 2]), torch.tensor([0.0, 40.0, 90.0, 250.0])
+    lr, hr = (EncodedLatents(vae, key, surfaces, ids, azimuths) for key in ("lr", "hr"))
+    images = torch.stack([drawn("square"), drawn("disc"), drawn("bar"), drawn("bar", shift=-40)])
+    ReferenceIndex(images.min(dim=-1).values < 245, lr, hr).save(tmp_path / REFERENCE_FILE)
+    loaded = ReferenceIndex.load(tmp_path / REFERENCE_FILE, vae=vae)
+    assert loaded.lr.surfaces.names == names and len(loaded.lr.surfaces.stored) == 1
+    got_lr, got_hr, idx = loaded.lookup(drawn("bar", shift=-38).permute(2, 0, 1)[None].float() / 255)
+    assert idx.tolist() == [3]  # table_00003 at 250°, made again
+    with torch.no_grad():
+        turned = retrieval.rotate_to_azimuth(retrieval.procedural_surface("table_00003", P)[0], 250.0)
+        torch.testing.assert_close(got_hr[0], vae.encode(torch.from_numpy(turned)[None], "hr")[0])
+    # a generator that no longer makes the shape it made: the extents disagree
+    moved = retrieval.ShapeSurfaces(stored, names, extents * torch.tensor([1.0, 1.1, 1.0]))
+    assert moved.check([0, 1]) > 0.05
