@@ -27,7 +27,7 @@ surfaces take 25 MB. Masks are stored as bits, zlib-compressed (lossless).
 More views make a held-out picture likelier to find a training shape of its kind seen from
 nearly its own angle, and with surfaces an entry costs only its mask and azimuth (pilot V16: 16
 views of each shape, 48,672 entries, 27.7 MB). In memory the masks stay packed; a lookup compares
-every entry at 32² first and only a shortlist at 64².
+every entry at 16² first and only a shortlist at 64².
 
 More shapes pay too (pilot S4: the index of 4 times as many procedural shapes as the models
 trained on). A procedural shape is a function of its name (mar3d.shapes is deterministic), so the
@@ -52,11 +52,12 @@ from .token_order import anchor_permutation
 
 REFERENCE_FILE = "reference.safetensors"  # beside the MARs that take a reference
 MASK_SIZE = 64   # silhouettes are compared at 64² (4,096 values in [0, 1])
-# A lookup first compares every entry at 32² (a quarter of the work, and of the memory its float
-# masks take) and then its best SHORTLIST entries again at MASK_SIZE²: the exact search's choice
-# unless an entry that is not among the 256 best at 32² would be best at 64².
-COARSE_SIZE = 32
-SHORTLIST = 256
+# A lookup first compares every entry at 16² (a sixteenth of the work, and of the memory its
+# float masks take: 185 MB for pilot S4's 180,928 entries) and then its best SHORTLIST entries
+# again at MASK_SIZE²: the exact search's choice unless an entry that is not among the 1,024 best
+# at 16² would be best at 64².
+COARSE_SIZE = 16
+SHORTLIST = 1024
 WHITE = 245      # a pixel whose darkest channel is at least this is background
 
 
@@ -148,13 +149,9 @@ class SurfaceRecipe:
 PROCEDURAL_NAME = re.compile(r"^([a-z_]+?)_(\d{5})$")  # "<family>_<number>", e.g. "chair_00042"
 
 
-def procedural_surface(name: str, num_points: int, recipe: SurfaceRecipe = SurfaceRecipe()
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """The first `num_points` FPS surface points (P, 6) float32 of procedural shape `name`, as data
-    preparation made them, and the normalised mesh's extent (3,) (a check that the generator still
-    makes the shape it made)."""
-    from .geometry import fps_order, normalize_mesh, sample_surface
-    from .prepare import shape_seed
+def procedural_mesh(name: str, recipe: SurfaceRecipe = SurfaceRecipe()):
+    """Procedural shape `name` ("<family>_<number>") as data preparation normalised it."""
+    from .geometry import normalize_mesh
     from .shapes import make_shape
     from .shapes import shape_seed as dataset_shape_seed
 
@@ -163,18 +160,32 @@ def procedural_surface(name: str, num_points: int, recipe: SurfaceRecipe = Surfa
         raise ValueError(f"{name!r} is not a procedural shape's name (<family>_<5 digits>)")
     family, number = match.group(1), int(match.group(2))
     mesh = make_shape(family, dataset_shape_seed(recipe.dataset_seed, family, number))
-    mesh, _, _ = normalize_mesh(mesh, recipe.extent, recipe.normalize)
+    return normalize_mesh(mesh, recipe.extent, recipe.normalize)[0]
+
+
+def procedural_surface(name: str, num_points: int, recipe: SurfaceRecipe = SurfaceRecipe(), mesh=None) -> np.ndarray:
+    """The first `num_points` FPS surface points (P, 6) float32 of procedural shape `name`, as data
+    preparation made them (of `mesh`, its `procedural_mesh`, when given)."""
+    from .geometry import fps_order, sample_surface
+    from .prepare import shape_seed
+
+    mesh = procedural_mesh(name, recipe) if mesh is None else mesh
     rng = np.random.default_rng(shape_seed(name))
     surface = sample_surface(mesh, recipe.num_surface, rng)
-    surface = surface[fps_order(surface[:, :3], rng)][:num_points]
-    return surface, (mesh.bounds[1] - mesh.bounds[0]).astype(np.float32)
+    return surface[fps_order(surface[:, :3], rng)][:num_points]
+
+
+def extent(surface) -> torch.Tensor:
+    """(…, 3): the extent of surface points (…, P, 6), a fingerprint of a shape."""
+    xyz = torch.as_tensor(surface)[..., :3].float()
+    return xyz.amax(-2) - xyz.amin(-2)
 
 
 class ShapeSurfaces:
     """The FPS surface points (P, 6) of an index's shapes, by row: the `stored` ones (S, P, 6) first,
     then the procedural shapes `names`, made again by `procedural_surface` when asked for (nothing
     cached: no state shared by the app's concurrent requests). `extents` (len(names), 3) are their
-    normalised extents when the index was built, for `check`."""
+    points' `extent` when the index was built, for `check`."""
 
     def __init__(self, stored: torch.Tensor, names: list[str] = (), extents: torch.Tensor | None = None,
                  recipe: SurfaceRecipe = SurfaceRecipe()):
@@ -196,14 +207,14 @@ class ShapeSurfaces:
             return self.stored[i]
         if not len(self.stored) <= i < len(self):
             raise IndexError(f"shape {i} of {len(self)}")
-        return torch.from_numpy(procedural_surface(self.names[i - len(self.stored)], self.num_points, self.recipe)[0])
+        return torch.from_numpy(procedural_surface(self.names[i - len(self.stored)], self.num_points, self.recipe))
 
     def check(self, rows: list[int]) -> float:
         """The largest difference between the extents of procedural shapes `rows` (0-based among
         the procedural ones) made now and when the index was built: near 0 unless the generator
         changed since."""
-        return max((float(np.abs(procedural_surface(self.names[r], 1, self.recipe)[1] - self.extents[r].numpy()).max())
-                    for r in rows), default=0.0)
+        return max((float((extent(self[len(self.stored) + r]) - self.extents[r]).abs().max()) for r in rows),
+                   default=0.0)
 
 
 class EncodedLatents:
@@ -299,11 +310,8 @@ class ReferenceIndex:
             raise ValueError("a re-ranking index needs both its probe and its weights")
         self.lr, self.hr, self.probe, self.weights, self.candidates = lr, hr, probe, weights, candidates
         self.bits, self.mask_shape = bits, mask_shape  # (N, H·W/8) uint8
-        # (N, COARSE_SIZE²) uint8: the count of mask pixels in each coarse cell (a quarter of the
-        # memory of floats: 190 MB for pilot S4's 185,000 entries)
-        self._cell = mask_shape[0] * mask_shape[1] // COARSE_SIZE**2
-        self.coarse = torch.cat([(pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
-                                  * self._cell).round().to(torch.uint8) for s in range(0, len(bits), chunk)])
+        self.coarse = torch.cat([pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
+                                 for s in range(0, len(bits), chunk)])  # (N, COARSE_SIZE²)
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -332,9 +340,7 @@ class ReferenceIndex:
         """The k entries (Q, k) of highest silhouette IoU with each query (Q, MASK_SIZE²), best first,
         and their IoU (Q, k): SHORTLIST by IoU at COARSE_SIZE², then exact at MASK_SIZE²."""
         small = F.adaptive_avg_pool2d(queries.view(-1, 1, MASK_SIZE, MASK_SIZE), COARSE_SIZE).flatten(1)
-        coarse = torch.cat([silhouette_iou(small, self.coarse[s: s + 16384].float() / self._cell)
-                            for s in range(0, len(self), 16384)], 1)
-        short = coarse.topk(min(SHORTLIST, len(self)), dim=1).indices  # (Q, S)
+        short = silhouette_iou(small, self.coarse).topk(min(SHORTLIST, len(self)), dim=1).indices  # (Q, S)
         keys = pool(self.masks_of(short).flatten(0, 1)).view(*short.shape, -1)                  # (Q, S, D)
         inter = (queries[:, None] * keys).sum(-1)
         iou = inter / (queries.sum(-1, keepdim=True) + keys.sum(-1) - inter).clamp_min(1e-6)

@@ -40,12 +40,18 @@ from mar3d.mar import PRESETS as MAR_PRESETS  # noqa: E402
 from mar3d.prepare import prepare_dir, shape_seed  # noqa: E402
 from mar3d.preprocess import preprocess_image  # noqa: E402
 from mar3d.render import Camera, render_views, rotate_to_view  # noqa: E402
+from mar3d.retrieval import SurfaceRecipe  # noqa: E402
 from mar3d.shapes import build_dataset  # noqa: E402
 from mar3d.single_view import OccConfig, ReconConfig  # noqa: E402
 from mar3d.train import TrainConfig, train  # noqa: E402
 from mar3d.vae import PRESETS as VAE_PRESETS  # noqa: E402
 
 SHARED_MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "meshes"
+# cylinder normalisation: shapes stay inside the box when turned into a camera's frame
+PREPARE = PrepareConfig(num_surface=4096, num_uniform=16384, num_near=16384, normalize="cylinder")
+DATASET_SEED = 0  # the shapes stage's
+# how those two stages make a procedural shape's surface points, for an index that makes them again
+SURFACE_RECIPE = SurfaceRecipe(DATASET_SEED, PREPARE.extent, PREPARE.normalize, PREPARE.num_surface)
 
 
 @dataclass
@@ -95,6 +101,10 @@ class Recipe:
     # views of each training shape rendered for the index alone, beyond the cache's (their masks and
     # azimuths; needs "surfaces"): pilot V16, 4 + 12 = 16 views, 48,672 entries
     reference_extra_views: int = 12
+    # procedural shapes per family made for the index alone, numbered after the training shapes
+    # (their test and validation buckets left out; each with 16 views): pilot S4, 4 times the
+    # shapes. The index names procedural shapes and a lookup makes them again (ShapeSurfaces)
+    reference_extra_shapes: int = 600
     # the index re-ranks this many top-IoU entries (0: no re-ranker). Pilot RL (stop 24) fitted one
     # for 1 view per shape; at 16 views it is level with the IoU's own pick (pilot V16): none since stop 27
     rerank_candidates: int = 0
@@ -120,16 +130,14 @@ def timed_stage(work: Path, name: str):
 def stage_shapes(r: Recipe, work: Path) -> None:
     done = timed_stage(work, "shapes")
     real = SHARED_MESHES if SHARED_MESHES.is_dir() else None
-    report = build_dataset(work / "shapes", r.shapes, seed=0, real_dir=real, real_variants=r.real_variants,
+    report = build_dataset(work / "shapes", r.shapes, seed=DATASET_SEED, real_dir=real, real_variants=r.real_variants,
                            workers=r.workers)
     done(failed=len(report.get("failed", [])))
 
 
 def stage_prepare(r: Recipe, work: Path) -> None:
     done = timed_stage(work, "prepare")
-    # cylinder normalisation: shapes stay inside the box when turned into a camera's frame
-    cfg = PrepareConfig(num_surface=4096, num_uniform=16384, num_near=16384, normalize="cylinder")
-    report = prepare_dir(work / "shapes", work / "prepared", cfg, workers=r.workers)
+    report = prepare_dir(work / "shapes", work / "prepared", PREPARE, workers=r.workers)
     done(prepared=len(report["prepared"]), failed=len(report["failed"]))
 
 
@@ -260,14 +268,16 @@ def stage_reference(r: Recipe, work: Path, out: Path) -> None:
 
 def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep: torch.Tensor) -> dict:
     """The index of pilot V4 stored compactly (mar3d.retrieval.EncodedLatents): the kept entries'
-    binary 64² silhouettes (the lookup's own), each training shape's FPS surface points once, and
-    each entry's azimuth. The anchors of the token order are fitted again exactly as the cache
+    binary 64² silhouettes (the lookup's own), each training shape once (its FPS surface points, or
+    for a procedural shape its name: pilot S4), and each entry's azimuth; then `reference_extra_views`
+    more views of each training shape and `reference_extra_shapes` index-only procedural shapes
+    per family (masks, azimuths and names only). The anchors of the token order are fitted again exactly as the cache
     fitted them (same query points, same entries); the tokens that the saved index encodes are
     compared with the cache's, on 64 entries."""
     from mar3d.data import is_held_out
     from mar3d.render import rotate_to_azimuth
-    from mar3d.retrieval import (MASK_SIZE, REFERENCE_FILE, EncodedLatents, ReferenceIndex, silhouette_iou,
-                                 silhouettes)
+    from mar3d.retrieval import (MASK_SIZE, PROCEDURAL_NAME, REFERENCE_FILE, EncodedLatents, ReferenceIndex,
+                                 ShapeSurfaces, extent, silhouette_iou, silhouettes)
     from mar3d.token_order import fit_anchors
 
     vae = load_model(out, "vae", r.device).eval()
@@ -284,8 +294,15 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
     fit = np.array([not is_held_out(n, left_out(r)) for n in names])
     anchors = {key: fit_anchors(queries[fit, :vae.cfg.num_tokens(key)]) for key in ("lr", "hr")}
     kept = [n for n, k in zip(names, keep.tolist()) if k]
-    shapes = {s: i for i, s in enumerate(dict.fromkeys(shape_of[n] for n in kept))}  # shape → its row
-    surfaces = torch.from_numpy(np.stack([surface[s][: vae.cfg.num_points] for s in shapes])).float()
+    # shape → its row: shapes only the data have (the real meshes' variants) keep their points in
+    # the index, procedural ones are named and made again at lookup (mar3d.retrieval.ShapeSurfaces)
+    order = list(dict.fromkeys(shape_of[n] for n in kept))
+    order = [s for s in order if not PROCEDURAL_NAME.match(s)] + [s for s in order if PROCEDURAL_NAME.match(s)]
+    shapes = {s: i for i, s in enumerate(order)}
+    P = vae.cfg.num_points
+    procedural = [s for s in order if PROCEDURAL_NAME.match(s)]
+    stored = torch.from_numpy(np.stack([surface[s][:P] for s in order if not PROCEDURAL_NAME.match(s)])).float()
+    extents = extent(np.stack([surface[s][:P] for s in procedural]))
     ids = torch.tensor([shapes[shape_of[n]] for n in kept])
     azimuths = torch.tensor([azimuth[n] for n in kept])
     dark = (silhouettes(data["images"][keep]) > 0.5).view(-1, MASK_SIZE, MASK_SIZE)
@@ -300,6 +317,26 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
         dark = torch.cat([dark, *(m for m, _ in extra)])
         ids = torch.cat([ids, torch.tensor(list(shapes.values())).repeat_interleave(r.reference_extra_views)])
         azimuths = torch.cat([azimuths, *(a for _, a in extra)])
+    if r.reference_extra_shapes:  # index-only procedural shapes, views and points made (and kept) under <work>
+        import multiprocessing as mp
+
+        from mar3d.shapes import FAMILIES
+
+        first = r.shapes // len(FAMILIES)  # the shapes stage numbers each family's shapes from 0
+        more = [f"{f}_{k:05d}" for k in range(first, first + r.reference_extra_shapes) for f in FAMILIES]
+        more = [n for n in more if not is_held_out(n, left_out(r))]
+        image_size = MAR_PRESETS["tiny"].image_encoder.image_size
+        views = r.reference_views + r.reference_extra_views  # as many as each training shape has
+        with mp.get_context("spawn").Pool(r.workers) as pool:
+            made = pool.map(index_shape, [(work, n, views, r.render_size, image_size, P) for n in more],
+                            chunksize=16)
+        more, made = [n for n, m in zip(more, made) if m is not None], [m for m in made if m is not None]
+        dark = torch.cat([dark, *(torch.from_numpy(m["masks"]) for m in made)])
+        ids = torch.cat([ids, torch.arange(len(order), len(order) + len(more)).repeat_interleave(views)])
+        azimuths = torch.cat([azimuths, *(torch.from_numpy(m["azimuths"]) for m in made)])
+        procedural += more
+        extents = torch.cat([extents, extent(np.stack([m["surface"] for m in made]))])
+    surfaces = ShapeSurfaces(stored, procedural, extents, SURFACE_RECIPE)
     latents = [EncodedLatents(vae, key, surfaces, ids, azimuths, anchors[key]) for key in ("lr", "hr")]
     ReferenceIndex(dark, *latents).save(out / REFERENCE_FILE)
     saved = ReferenceIndex.load(out / REFERENCE_FILE, vae=vae)
@@ -315,19 +352,17 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
             occ = lambda x: torch.stack([vae.occupancy_fn(z[None])(grid).reshape(-1) > 0 for z in x])  # noqa: E731
             ious = silhouette_iou(occ(getattr(saved, key)[at]).float(), occ(cached).float()).diagonal()
         check[f"{key}_stored_iou24_min"] = round(float(ious.min()), 4)
-    return dict(entries=len(dark), cache_entries=int(keep.sum()), shapes=len(shapes), **check)
+    rows = list(range(0, len(procedural), max(1, len(procedural) // 32)))
+    check["procedural_extent_max_error"] = saved.lr.surfaces.check(rows)  # made again against the stage's points
+    return dict(entries=len(dark), cache_entries=int(keep.sum()), shapes=len(surfaces),
+                stored_shapes=len(stored), procedural_shapes=len(procedural), **check)
 
 
-def extra_index_views(job) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masks (n, 64, 64) bool, azimuths (n,)) of n more random views of a prepared shape, made as
-    the cache makes its condition images (render, then preprocess), for the reference index only."""
-    from mar3d.geometry import load_mesh
+def index_views(mesh, shape: str, n: int, size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks (n, 64, 64) bool, azimuths (n,)) of n random views of a normalised shape, made as the
+    cache makes its condition images (render, then preprocess), for the reference index only."""
     from mar3d.retrieval import MASK_SIZE, silhouettes
 
-    work, shape, n, size, image_size = job
-    data = np.load(work / "prepared" / f"{shape}.npz")
-    mesh = load_mesh(work / "shapes" / str(data["source"]))
-    mesh.vertices = (mesh.vertices - data["center"]) * data["scale"]
     rng = np.random.default_rng(shape_seed(shape) + 2)  # other draws than the cache's views (+ 1)
     images, azimuths = [], []
     for rgba, camera in render_views(mesh, n, rng, size=size):
@@ -335,6 +370,45 @@ def extra_index_views(job) -> tuple[torch.Tensor, torch.Tensor]:
         azimuths.append(camera.azimuth_deg)
     masks = silhouettes(torch.from_numpy(np.stack(images))) > 0.5
     return masks.view(n, MASK_SIZE, MASK_SIZE), torch.tensor(azimuths)
+
+
+def extra_index_views(job) -> tuple[torch.Tensor, torch.Tensor]:
+    """`index_views` of a prepared shape: n more views beside the cache's."""
+    from mar3d.geometry import load_mesh
+
+    work, shape, n, size, image_size = job
+    data = np.load(work / "prepared" / f"{shape}.npz")
+    mesh = load_mesh(work / "shapes" / str(data["source"]))
+    mesh.vertices = (mesh.vertices - data["center"]) * data["scale"]
+    return index_views(mesh, shape, n, size, image_size)
+
+
+def index_shape(job) -> dict | None:
+    """An index-only procedural shape: its `index_views` (masks, azimuths) and its first P FPS
+    surface points, made as data preparation would, kept in <work>/index_shapes/<name>.npz so that
+    the stage resumes (and the same draws as pilot S4's scratch build). None for a shape the
+    generator rejects, as the shapes stage skips it (mar3d.shapes.finish)."""
+    from mar3d.retrieval import MASK_SIZE, procedural_mesh, procedural_surface
+
+    work, name, n, size, image_size, P = job
+    path = work / "index_shapes" / f"{name}.npz"
+    if not path.exists() or len(np.load(path)["azimuths"]) != n:
+        torch.set_num_threads(1)
+        try:
+            mesh = procedural_mesh(name, SURFACE_RECIPE)
+        except ValueError as error:
+            print(f"index shape {name} skipped: {error}", flush=True)
+            return None
+        masks, azimuths = index_views(mesh, name, n, size, image_size)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{name}.tmp.npz")
+        np.savez(tmp, surface=procedural_surface(name, P, SURFACE_RECIPE, mesh=mesh),
+                 masks=np.packbits(masks.flatten(1).numpy(), axis=1), azimuths=azimuths.numpy().astype(np.float32))
+        tmp.rename(path)
+    data = np.load(path)
+    masks = np.unpackbits(data["masks"], axis=1, count=MASK_SIZE * MASK_SIZE).astype(bool)
+    return {"masks": masks.reshape(-1, MASK_SIZE, MASK_SIZE), "azimuths": data["azimuths"],
+            "surface": data["surface"][:P]}
 
 
 def stage_rerank(r: Recipe, work: Path, out: Path) -> None:

@@ -69,7 +69,7 @@ def test_reference_index_round_trip_and_lookup(tmp_path):
 
 
 def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
-    """A coarse pass at 32² keeps a shortlist, compared again at 64²: the same picks (and IoU) as
+    """A coarse pass at 16² keeps a shortlist, compared again at 64²: the same picks (and IoU) as
     comparing every entry at 64², here with a shortlist of 8 among 400 random outlines."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:MASK_SIZE, :MASK_SIZE]
@@ -280,9 +280,8 @@ def test_procedural_shapes_are_made_again_as_data_preparation_made_them(tmp_path
     mesh, _, _ = normalize_mesh(load_mesh(tmp_path / "mug_00007.ply"), 1.9, "cylinder")
     cfg = PrepareConfig(num_surface=4096, num_uniform=8, num_near=8, normalize="cylinder")
     staged = prepare_shape(mesh, cfg, shape_seed("mug_00007"))["surface"][:256]
-    made, extent = retrieval.procedural_surface("mug_00007", 256)
+    made = retrieval.procedural_surface("mug_00007", 256)
     np.testing.assert_allclose(made, staged, atol=1e-4)
-    np.testing.assert_allclose(extent, mesh.extents, atol=1e-5)
     with pytest.raises(ValueError, match="procedural"):
         retrieval.procedural_surface("real__spot@03", 256)
 
@@ -290,8 +289,8 @@ def test_procedural_shapes_are_made_again_as_data_preparation_made_them(tmp_path
     vae = PyramidVAE(MICRO_VAE).eval()
     P = MICRO_VAE.num_points
     names = ["mug_00007", "table_00003"]
-    extents = torch.from_numpy(np.stack([retrieval.procedural_surface(n, 1)[1] for n in names]))
-    stored = torch.from_numpy(retrieval.procedural_surface("chair_00001", P)[0])[None]
+    extents = retrieval.extent(np.stack([retrieval.procedural_surface(n, P) for n in names]))
+    stored = torch.from_numpy(retrieval.procedural_surface("chair_00001", P))[None]
     surfaces = retrieval.ShapeSurfaces(stored, names, extents)
     assert len(surfaces) == 3 and surfaces.check([0, 1]) < 1e-5
     ids, azimuths = torch.tensor([0, 1, 2, 2]), torch.tensor([0.0, 40.0, 90.0, 250.0])
@@ -303,7 +302,7 @@ def test_procedural_shapes_are_made_again_as_data_preparation_made_them(tmp_path
     got_lr, got_hr, idx = loaded.lookup(drawn("bar", shift=-38).permute(2, 0, 1)[None].float() / 255)
     assert idx.tolist() == [3]  # table_00003 at 250°, made again
     with torch.no_grad():
-        turned = retrieval.rotate_to_azimuth(retrieval.procedural_surface("table_00003", P)[0], 250.0)
+        turned = retrieval.rotate_to_azimuth(retrieval.procedural_surface("table_00003", P), 250.0)
         torch.testing.assert_close(got_hr[0], vae.encode(torch.from_numpy(turned)[None], "hr")[0])
     # a generator that no longer makes the shape it made: the extents disagree
     moved = retrieval.ShapeSurfaces(stored, names, extents * torch.tensor([1.0, 1.1, 1.0]))
