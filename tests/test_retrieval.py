@@ -69,8 +69,8 @@ def test_reference_index_round_trip_and_lookup(tmp_path):
 
 
 def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
-    """A coarse pass at 16² keeps a shortlist, compared again at 64²: the same picks (and IoU) as
-    comparing every entry at 64², here with a shortlist of 8 among 400 random outlines."""
+    """Passes at 16² and 32² keep shortlists, compared again at 64²: the same picks (and IoU) as
+    comparing every entry at 64², here with shortlists of 64 and 8 among 400 random outlines."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:MASK_SIZE, :MASK_SIZE]
 
@@ -87,6 +87,7 @@ def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
     queries = pool(torch.from_numpy(np.stack([blob() for _ in range(40)])))
     exact = silhouette_iou(queries, pool(dark))
     torch.testing.assert_close(index.exact_iou(queries, chunk=64), exact)
+    monkeypatch.setattr(retrieval, "FIRST", 64)
     monkeypatch.setattr(retrieval, "SHORTLIST", 8)
     top, iou = index.shortlist_iou(queries, 3)
     assert torch.equal(top, exact.topk(3, dim=1).indices)
