@@ -186,13 +186,15 @@ def extent(surface) -> torch.Tensor:
 
 class ShapeSurfaces:
     """The FPS surface points (P, 6) of an index's shapes, by row: the `stored` ones (S, P, 6) first,
-    then the procedural shapes `names`, made again by `procedural_surface` when asked for (nothing
-    cached: no state shared by the app's concurrent requests). `extents` (len(names), 3) are their
-    points' `extent` when the index was built, for `check`."""
+    then the procedural shapes `names`, made again by `procedural_surface` when asked for. The last
+    one made is kept (as one immutable pair, so concurrent requests at worst make a shape again):
+    a lookup asks for its pick twice, for the LR and for the HR tokens. `extents` (len(names), 3)
+    are their points' `extent` when the index was built, for `check`."""
 
     def __init__(self, stored: torch.Tensor, names: list[str] = (), extents: torch.Tensor | None = None,
                  recipe: SurfaceRecipe = SurfaceRecipe()):
         self.stored, self.names, self.recipe = stored, list(names), recipe
+        self._last = (-1, None)  # (row, points) of the procedural shape made last
         self.extents = torch.zeros(len(self.names), 3) if extents is None else extents.float()
         if len(self.extents) != len(self.names):
             raise ValueError(f"{len(self.names)} procedural shapes with {len(self.extents)} extents")
@@ -210,14 +212,18 @@ class ShapeSurfaces:
             return self.stored[i]
         if not len(self.stored) <= i < len(self):
             raise IndexError(f"shape {i} of {len(self)}")
-        return torch.from_numpy(procedural_surface(self.names[i - len(self.stored)], self.num_points, self.recipe))
+        row, points = self._last
+        if row != i:
+            points = torch.from_numpy(procedural_surface(self.names[i - len(self.stored)], self.num_points, self.recipe))
+            self._last = (i, points)
+        return points
 
     def check(self, rows: list[int]) -> float:
         """The largest difference between the extents of procedural shapes `rows` (0-based among
         the procedural ones) made now and when the index was built: near 0 unless the generator
         changed since."""
-        return max((float((extent(self[len(self.stored) + r]) - self.extents[r]).abs().max()) for r in rows),
-                   default=0.0)
+        made = (procedural_surface(self.names[r], self.num_points, self.recipe) for r in rows)
+        return max((float((extent(m) - self.extents[r]).abs().max()) for m, r in zip(made, rows)), default=0.0)
 
 
 class EncodedLatents:

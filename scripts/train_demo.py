@@ -297,11 +297,11 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
     # shape → its row: shapes only the data have (the real meshes' variants) keep their points in
     # the index, procedural ones are named and made again at lookup (mar3d.retrieval.ShapeSurfaces)
     order = list(dict.fromkeys(shape_of[n] for n in kept))
-    order = [s for s in order if not PROCEDURAL_NAME.match(s)] + [s for s in order if PROCEDURAL_NAME.match(s)]
+    procedural = [s for s in order if PROCEDURAL_NAME.match(s)]
+    order = [s for s in order if not PROCEDURAL_NAME.match(s)] + procedural
     shapes = {s: i for i, s in enumerate(order)}
     P = vae.cfg.num_points
-    procedural = [s for s in order if PROCEDURAL_NAME.match(s)]
-    stored = torch.from_numpy(np.stack([surface[s][:P] for s in order if not PROCEDURAL_NAME.match(s)])).float()
+    stored = torch.from_numpy(np.stack([surface[s][:P] for s in order[: len(order) - len(procedural)]])).float()
     extents = extent(np.stack([surface[s][:P] for s in procedural]))
     ids = torch.tensor([shapes[shape_of[n]] for n in kept])
     azimuths = torch.tensor([azimuth[n] for n in kept])
@@ -392,7 +392,8 @@ def index_shape(job) -> dict | None:
 
     work, name, n, size, image_size, P = job
     path = work / "index_shapes" / f"{name}.npz"
-    if not path.exists() or len(np.load(path)["azimuths"]) != n:
+    data = np.load(path) if path.exists() else None
+    if data is None or len(data["azimuths"]) != n:
         torch.set_num_threads(1)
         try:
             mesh = procedural_mesh(name, SURFACE_RECIPE)
@@ -405,7 +406,7 @@ def index_shape(job) -> dict | None:
         np.savez(tmp, surface=procedural_surface(name, P, SURFACE_RECIPE, mesh=mesh),
                  masks=np.packbits(masks.flatten(1).numpy(), axis=1), azimuths=azimuths.numpy().astype(np.float32))
         tmp.rename(path)
-    data = np.load(path)
+        data = np.load(path)
     masks = np.unpackbits(data["masks"], axis=1, count=MASK_SIZE * MASK_SIZE).astype(bool)
     return {"masks": masks.reshape(-1, MASK_SIZE, MASK_SIZE), "azimuths": data["azimuths"],
             "surface": data["surface"][:P]}
