@@ -374,6 +374,17 @@ class ReferenceIndex:
             ious.append(best.values)
         return torch.stack(tops), torch.stack(ious)
 
+    def nearest_other(self, queries: torch.Tensor, own: torch.Tensor, groups: torch.Tensor, k: int = 96) -> torch.Tensor:
+        """For each query silhouette (Q, MASK_SIZE²), the entry (Q,) of highest IoU whose group
+        (`groups` (N,), e.g. each entry's shape) is not the query's `own` (Q,): a training entry's
+        reference is another shape, as it is for a picture the model never saw. Searched among the
+        k best entries of `shortlist_iou`: k must exceed the entries a group has."""
+        top = self.shortlist_iou(queries, k)[0]
+        other = groups[top] != own[:, None]
+        if not other.any(1).all():
+            raise ValueError(f"a query's {k} nearest entries are all of its own group: ask for more")
+        return top.gather(1, other.byte().argmax(1, keepdim=True))[:, 0]
+
     def lookup(self, pixels: torch.Tensor, features: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For condition images (B, 3, H, W) in [0, 1]: the chosen entries' LR and HR latents

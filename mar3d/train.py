@@ -67,6 +67,7 @@ class TrainConfig:
     vae_dir: str = ""            # recon / vae_decoder: the frozen VAE whose decoder scores the predicted tokens;
                                  # vae: the VAE to start from (fine-tuning)
     init_encoder: str = ""       # MAR: directory of a pretrained `recon`; MAR takes its image encoder, frozen
+    init_from: str = ""          # MAR: directory of a trained MAR of this task to start from (fine-tuning: pilot MR)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -229,14 +230,28 @@ class MARTask:
             self.recon = load_model(cfg.init_encoder, "recon")
             self.model_cfg = dataclasses.replace(self.model_cfg, image_encoder=self.recon.encoder_config(self.stage))
         self.features = None  # a frozen encoder's output for every entry, computed once in build_model
-        self.reference_idx = None
+        self.reference_idx = self.references = None
         if self.model_cfg.reference:  # each entry's reference: the nearest training render of another shape
             self.reference_idx = reference_indices(self.images, meta["names"], self.train_idx)
+            self.references = self.tokens[self.reference_idx]
+            path = Path(data_dir) / REFERENCES_FILE
+            if path.exists():  # the shipped index's picks for the entries it names (pilot MR)
+                picked = load_file(str(path))
+                self.references[picked["rows"].long()] = norm(picked[self.stage].float())
 
     def __len__(self) -> int:
         return len(self.train_idx)
 
     def build_model(self) -> MAR:
+        if self.cfg.init_from:  # fine-tuning: the trained MAR, its frozen encoder's features computed once
+            model = load_model(self.cfg.init_from, self.name).float().train()
+            c = model.cfg
+            if not (math.isclose(c.latent_shift, self.model_cfg.latent_shift, abs_tol=1e-6)
+                    and math.isclose(c.latent_scale, self.model_cfg.latent_scale, rel_tol=1e-6)):
+                raise ValueError(f"{self.cfg.init_from}: that {self.name} was trained on another token normalisation")
+            if c.image_encoder.frozen:
+                self.features = self.encode_all(model.image_encoder)
+            return model
         model = MAR(self.model_cfg)
         if self.recon is not None:
             model.image_encoder.load_state_dict(self.recon.encoder.state_dict())
@@ -262,7 +277,7 @@ class MARTask:
     def batch(self, idx: torch.Tensor, device) -> tuple:
         """MAR's arguments for entries `idx`: tokens, images (or None), LR tokens, features, reference."""
         lr = self.lr[idx].to(device) if self.stage == "hr" else None
-        ref = self.tokens[self.reference_idx[idx]].to(device) if self.reference_idx is not None else None
+        ref = self.references[idx].to(device) if self.references is not None else None
         if self.features is not None:
             return self.tokens[idx].to(device), None, lr, self.features[idx].to(device), ref
         images = self.images[idx].permute(0, 3, 1, 2).float().div(255).to(device)  # (B, 3, H, W)
@@ -281,6 +296,13 @@ class MARTask:
             losses = [model(*self.batch(idx[s: s + 16], device)).item() for s in range(0, len(idx), 16)]
             out[f"{split}_loss"] = round(sum(losses) / len(losses), 5)
         return out
+
+
+# Beside a cache: each training entry's reference as the shipped index picks it (a view of another
+# shape among all the index's entries), LR and HR latents as the index encodes them (pilot MR). The
+# MARs then learn residuals from references as close as those they get at inference; without the
+# file, an entry's reference is the nearest training render of the cache (`reference_indices`).
+REFERENCES_FILE = "references.safetensors"
 
 
 def reference_indices(images: torch.Tensor, names: list[str], train_idx: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,11 @@ Each stage's wall time is appended to <work>/stages.jsonl (for the model card). 
 MAR-LR and MAR-HR both train on the latent cache (MAR-HR is conditioned on the cached LR tokens,
 not on MAR-LR samples), so with `parallel_mar` they run at the same time, one CPU thread each:
 on small models two single-thread processes get more done than one two-thread process.
+They learn residuals from each entry's nearest render of another training shape in the cache;
+then stage mar_references gives each training entry the reference the shipped index would give
+it (another shape's view, among all its entries) and stage mar_tune fine-tunes both MARs on
+those (pilot MR in checkpoints/README.md). With that file beside the cache, any later MAR
+training takes its references from it.
 The evaluation stages write meshes under <work>/eval/ and score them with mar3d.evaluate:
     python -m mar3d.evaluate <work>/eval/vae <work>/eval/gt_shape      # VAE reconstruction
     python -m mar3d.evaluate <work>/eval/image <work>/eval/gt_view     # image → 3D
@@ -96,6 +101,14 @@ class Recipe:
     mar_cond_mode: str = "aligned"  # MAR: "prefix" or "aligned" (needs the readout encoder: recon_steps > 0)
     mar_residual: bool = True    # MAR: model residuals from a base (the reference, else the reconstructor's tokens)
     mar_reference: bool = True   # MAR: also take the nearest-silhouette training shape's tokens (mar3d.retrieval)
+    # MAR: each training entry's reference as the shipped index picks it (another shape among all its
+    # entries: stage mar_references), not the nearest of the cache's renders (pilot MR)
+    mar_index_references: bool = True
+    # then MAR-LR / MAR-HR fine-tuned this many steps on those references, from the trained ones
+    # (pilot MR: the stop-22 MARs, 800 / 600 steps on the cache's references, tuned 1,000 / 700)
+    mar_tune_lr_steps: int = 1000
+    mar_tune_hr_steps: int = 700
+    mar_tune_lr: float = 2e-4
     reference_views: int = 4     # views of each training shape the shipped index keeps (stop 24: 1; pilot V4: all 4)
     reference_store: str = "surfaces"  # the index holds each shape's "surfaces" once (V4), or int8 "latents" per entry
     # views of each training shape rendered for the index alone, beyond the cache's (their masks and
@@ -207,6 +220,29 @@ def stage_train(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -
                                      residual=r.mar_residual, reference=r.mar_reference,
                                      mask_ratio_min=r.mar_mask_ratio_min, mask_ratio_std=r.mar_mask_ratio_std)
         last = train(task, preset, cfg, work / "cache", out)
+    done(**last)
+
+
+def stage_mar_tune(r: Recipe, work: Path, out: Path, task: str, threads: int = 0) -> None:
+    """MAR-LR or MAR-HR fine-tuned on the index's references (stage mar_references), from the
+    trained one in `out` (pilot MR): trained under <work>/tune (resumable), then written back to
+    `out` with float16 parameters, as shipped. Skipped once `out` holds the tuned model."""
+    from mar3d.checkpoint import read_header, save_model
+
+    done = timed_stage(work, f"{task}_tune")
+    steps = r.mar_tune_lr_steps if task == "mar_lr" else r.mar_tune_hr_steps
+    if not (steps and r.mar_reference and r.mar_index_references):
+        return done(skipped=True)
+    if read_header(out, task)["metadata"].get("tune_steps") == steps:
+        return done(skipped=True)
+    cfg = TrainConfig(steps=steps, batch_size=r.mar_batch, lr=r.mar_tune_lr, min_lr=r.mar_tune_lr / 10, warmup=50,
+                      val_percent=left_out(r), device=r.device, eval_every=500, save_every=250, threads=threads,
+                      init_from=str(out))
+    preset = dataclasses.replace(MAR_PRESETS["tiny"], reference=True)  # the trained model's config is what counts
+    last = train(task, preset, cfg, work / "cache", work / "tune")
+    tuned = load_model(work / "tune", task)
+    save_model(tuned, out, task, metadata={**read_header(work / "tune", task)["metadata"], "tune_steps": steps},
+               half=True)
     done(**last)
 
 
@@ -412,6 +448,73 @@ def index_shape(job) -> dict | None:
             "surface": data["surface"][:P]}
 
 
+class KeptSurfaces:
+    """An index's `ShapeSurfaces` whose procedural shapes are read from the files the stages kept
+    (prepared/ for training shapes, index_shapes/ for index-only ones) instead of made again."""
+
+    def __init__(self, surfaces, work: Path):
+        self.surfaces, self.work = surfaces, work
+
+    def __len__(self) -> int:
+        return len(self.surfaces)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        i, stored = int(i), len(self.surfaces.stored)
+        if i < stored:
+            return self.surfaces.stored[i]
+        name = self.surfaces.names[i - stored]
+        path = self.work / "index_shapes" / f"{name}.npz"
+        path = path if path.exists() else self.work / "prepared" / f"{name}.npz"
+        return torch.from_numpy(np.load(path)["surface"][: self.surfaces.num_points].astype(np.float32))
+
+
+def index_references(job) -> dict:
+    """`stage_mar_references` for cache rows `rows` (one worker): the index's pick of another shape
+    for each, and the picks' LR and HR latents."""
+    from mar3d.cache import load_cache
+    from mar3d.retrieval import REFERENCE_FILE, ReferenceIndex, silhouettes
+
+    r, work, out, rows = job
+    torch.set_num_threads(1)
+    index = ReferenceIndex.load(out / REFERENCE_FILE, vae=load_model(out, "vae").eval())
+    index.lr.surfaces = index.hr.surfaces = KeptSurfaces(index.lr.surfaces, work)
+    data, meta = load_cache(work / "cache")
+    keep = torch.tensor([in_reference_index(r, n) for n in meta["names"]])
+    entry = torch.cumsum(keep.long(), 0) - 1  # a kept cache row's entry: the index begins with them
+    shape = index.lr.shape_ids
+    picks = torch.cat([index.nearest_other(silhouettes(data["images"][rows[s: s + 32]]),
+                                           shape[entry[rows[s: s + 32]]], shape)
+                       for s in range(0, len(rows), 32)])
+    with torch.no_grad():
+        return {"rows": torch.tensor(rows), "entries": picks, "lr": index.lr[picks], "hr": index.hr[picks]}
+
+
+def stage_mar_references(r: Recipe, work: Path, out: Path) -> None:
+    """Each training entry's reference as the shipped index picks it: the entry of highest IoU
+    among all the index's views of other shapes (pilot MR), its LR and HR latents kept beside the
+    cache (mar3d.train.REFERENCES_FILE), where the MAR tasks read them."""
+    import multiprocessing as mp
+
+    from safetensors.torch import save_file
+
+    from mar3d.cache import load_cache
+    from mar3d.train import REFERENCES_FILE
+
+    done = timed_stage(work, "mar_references")
+    path = work / "cache" / REFERENCES_FILE
+    if not (r.mar_reference and r.mar_index_references) or path.exists():
+        return done(skipped=True)
+    if r.reference_store != "surfaces":
+        raise ValueError("mar_index_references needs the index of surfaces (reference_store 'surfaces')")
+    names = load_cache(work / "cache")[1]["names"]
+    rows = [i for i, n in enumerate(names) if in_reference_index(r, n)]
+    with mp.get_context("spawn").Pool(r.workers) as pool:
+        parts = pool.map(index_references, [(r, work, out, rows[k:: r.workers]) for k in range(r.workers)])
+    picked = {key: torch.cat([part[key] for part in parts]).contiguous() for key in parts[0]}
+    save_file(picked, str(path))
+    done(entries=len(rows), distinct_picks=len(set(picked["entries"].tolist())))
+
+
 def stage_rerank(r: Recipe, work: Path, out: Path) -> None:
     """The reference index's re-ranker (mar3d.retrieval, pilot RL in the model card). Half the
     training shapes (every view) fit the linear probe from the MAR-LR's frozen image features to LR
@@ -560,21 +663,23 @@ def eval_settings():
 
 
 STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "cache", "reference", "recon", "occ", "mar_lr", "mar_hr",
-          "rerank", "eval_image")
+          "mar_references", "mar_tune", "rerank", "eval_image")
 
 
-def train_mar_parallel(r: Recipe, work: Path, out: Path) -> None:
-    """MAR-LR and MAR-HR in two processes at once, one thread each."""
+def train_mar_parallel(r: Recipe, work: Path, out: Path, stage=None) -> None:
+    """MAR-LR and MAR-HR in two processes at once, one thread each: trained (`stage_train`) or, as
+    `stage`, fine-tuned (`stage_mar_tune`)."""
     import multiprocessing as mp
 
-    procs = [mp.get_context("spawn").Process(target=stage_train, args=(r, work, out, task, 1))
+    stage = stage or stage_train
+    procs = [mp.get_context("spawn").Process(target=stage, args=(r, work, out, task, 1))
              for task in ("mar_lr", "mar_hr")]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join()
     if any(proc.exitcode for proc in procs):
-        raise SystemExit(f"MAR training failed (exit codes {[proc.exitcode for proc in procs]})")
+        raise SystemExit(f"MAR {stage.__name__} failed (exit codes {[proc.exitcode for proc in procs]})")
 
 
 def main(argv=None) -> None:
@@ -591,7 +696,9 @@ def main(argv=None) -> None:
     (work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     if args.only == "mar":
         stage_reference(recipe, work, out)
-        return train_mar_parallel(recipe, work, out)
+        train_mar_parallel(recipe, work, out)
+        stage_mar_references(recipe, work, out)
+        return train_mar_parallel(recipe, work, out, stage_mar_tune)
     for stage in STAGES if args.only is None else (args.only,):
         if stage == "shapes":
             stage_shapes(recipe, work)
@@ -603,6 +710,10 @@ def main(argv=None) -> None:
             stage_cache(recipe, work, out)
         elif stage == "reference":
             stage_reference(recipe, work, out)
+        elif stage == "mar_references":
+            stage_mar_references(recipe, work, out)
+        elif stage == "mar_tune":
+            train_mar_parallel(recipe, work, out, stage_mar_tune)
         elif stage == "rerank":
             stage_rerank(recipe, work, out)
         elif stage == "eval_vae":

@@ -94,6 +94,30 @@ def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
     torch.testing.assert_close(iou, exact.topk(3, dim=1).values)
 
 
+def test_nearest_other_skips_the_querys_own_group_as_the_exact_search_does():
+    """A training entry's reference from the index: the best outline of another shape, whichever
+    pass finds it (here 300 random outlines in 75 groups of 4 views, shortlists of 64 and 8)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:MASK_SIZE, :MASK_SIZE]
+
+    def blob(cy, cx, ry, rx):
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+    # each group: one random ellipse seen 4 times a little stretched, so a query's own views are its nearest
+    params = rng.uniform([20, 20, 6, 6], [44, 44, 20, 20], size=(75, 4))
+    dark = torch.from_numpy(np.stack([blob(*(p * [1, 1, 1 + 0.04 * v, 1])) for p in params for v in range(4)]))
+    groups = torch.arange(75).repeat_interleave(4)
+    index = ReferenceIndex(dark, torch.randn(300, 4, 2), torch.randn(300, 8, 2))
+    queries = pool(dark[::4])  # view 0 of each group: an entry of the index itself
+    exact = silhouette_iou(queries, pool(dark))
+    exact[groups[None] == torch.arange(75)[:, None]] = -1
+    pick = index.nearest_other(queries, torch.arange(75), groups, k=12)
+    assert (groups[pick] != torch.arange(75)).all()
+    assert torch.equal(pick, exact.argmax(1))
+    with pytest.raises(ValueError, match="own group"):
+        index.nearest_other(queries, torch.arange(75), groups, k=4)
+
+
 def train_micro(cfg, tokens, reference, steps=150):
     torch.manual_seed(0)
     mar = MAR(cfg)

@@ -111,3 +111,51 @@ def test_validation_split_is_apart_from_test_and_training():
     assert test | val | train == set(names)
     assert 0.03 < len(val) / len(names) < 0.05 and 0.03 < len(test) / len(names) < 0.05
     assert is_validation("real__spot@03/2", 4.0, 4.0) == is_validation("real__spot@11", 4.0, 4.0)
+
+
+def test_mar_task_takes_each_entrys_reference_from_the_index_picks_beside_the_cache(tmp_path, tiny_cascade):
+    """stage mar_references (pilot MR) leaves the index's pick for some training entries beside the
+    cache, as raw latents: the task trains on them, normalised as its tokens are; the others keep
+    the nearest training render of another shape."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from mar3d.cache import build_cache
+    from mar3d.train import REFERENCES_FILE, MARHRTask, MARTask
+    from tests.conftest import MICRO_MAR, data_image
+
+    root, names = tiny_cascade  # its cache's 32² images are too small for 64² silhouettes: a 64² one
+    pics = [data_image("instantmesh_chair_wood.jpg"), data_image("triposr_flamingo.png")]
+    items = [(f"{n}/0", np.load(root / "prepared" / f"{n}.npz")["surface"], p) for n, p in zip(names, pics)]
+    build_cache(load_model(root / "cascade", "vae"), items, tmp_path / "cache", image_size=64)
+    cfg = TrainConfig(steps=1, batch_size=2, val_percent=0.0)
+    model_cfg = dataclasses.replace(MICRO_MAR, reference=True)
+    before = MARTask(model_cfg, cfg, str(tmp_path / "cache"))
+    assert before.reference_idx.tolist() == [1, 0]  # two shapes: each the other's reference
+    torch.testing.assert_close(before.references, before.tokens[[1, 0]])
+    g = torch.Generator().manual_seed(0)
+    hr_shape = MARHRTask(model_cfg, cfg, str(tmp_path / "cache")).tokens.shape[1:]
+    picked = {"rows": torch.tensor([1]), "lr": torch.randn(1, *before.lr.shape[1:], generator=g),
+              "hr": torch.randn(1, *hr_shape, generator=g)}
+    save_file(picked, str(tmp_path / "cache" / REFERENCES_FILE))
+    for task_class, key in ((MARTask, "lr"), (MARHRTask, "hr")):
+        task = task_class(model_cfg, cfg, str(tmp_path / "cache"))
+        c = task.model_cfg
+        torch.testing.assert_close(task.references[1], (picked[key][0] - c.latent_shift) / c.latent_scale)
+        torch.testing.assert_close(task.references[0], task.tokens[1])
+        torch.testing.assert_close(task.batch(torch.tensor([1, 0]), "cpu")[-1], task.references[[1, 0]])
+
+
+def test_fine_tuning_starts_from_the_trained_mar(tmp_path, tiny_cascade):
+    """`init_from` (stage mar_tune, pilot MR): the run starts from the trained MAR, not a fresh one;
+    at learning rate 0 it hands back the same weights."""
+    from tests.conftest import CASCADE_MAR_LR
+
+    root, _ = tiny_cascade
+    cfg = TrainConfig(steps=3, batch_size=2, lr=0.0, min_lr=0.0, warmup=1, val_percent=0.0, log_every=1,
+                      eval_every=3, save_every=3, init_from=str(root / "cascade"))
+    train("mar_lr", CASCADE_MAR_LR, cfg, root / "cache", tmp_path)
+    before, after = load_model(root / "cascade", "mar_lr").state_dict(), load_model(tmp_path, "mar_lr").state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key].float(), before[key].float(), msg=key)
