@@ -94,9 +94,9 @@ def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
     torch.testing.assert_close(iou, exact.topk(3, dim=1).values)
 
 
-def test_nearest_other_skips_the_querys_own_group_as_the_exact_search_does():
-    """A training entry's reference from the index: the best outline of another shape, whichever
-    pass finds it (here 300 random outlines in 75 groups of 4 views, shortlists of 64 and 8)."""
+def test_nearest_other_skips_the_querys_own_group_as_the_exact_search_does(monkeypatch):
+    """A training entry's reference from the index: the best outline of another shape, through the
+    lookup's passes (here 300 random outlines in 75 groups of 4 views, shortlists of 64 and 16)."""
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:MASK_SIZE, :MASK_SIZE]
 
@@ -111,6 +111,8 @@ def test_nearest_other_skips_the_querys_own_group_as_the_exact_search_does():
     queries = pool(dark[::4])  # view 0 of each group: an entry of the index itself
     exact = silhouette_iou(queries, pool(dark))
     exact[groups[None] == torch.arange(75)[:, None]] = -1
+    monkeypatch.setattr(retrieval, "FIRST", 64)
+    monkeypatch.setattr(retrieval, "SHORTLIST", 16)
     pick = index.nearest_other(queries, torch.arange(75), groups, k=12)
     assert (groups[pick] != torch.arange(75)).all()
     assert torch.equal(pick, exact.argmax(1))
