@@ -52,15 +52,17 @@ from .token_order import anchor_permutation
 
 REFERENCE_FILE = "reference.safetensors"  # beside the MARs that take a reference
 MASK_SIZE = 64   # silhouettes are compared at 64² (4,096 values in [0, 1])
-# A lookup narrows the entries down in three passes: every entry at 16² (floats, 185 MB for
-# pilot S4's 180,928 entries), the best FIRST of them at 32² (held as uint8 pixel counts, a
-# quarter of the floats' memory), the best SHORTLIST of those exactly at MASK_SIZE². Measured on
-# that index with 553 test and validation queries, the exact 64² pick ranked at worst 602nd at
-# 32² and 12,183rd at 16²: within both cuts. One pass at 32² over floats would take 740 MB,
-# over the counts made floats 0.4 s a lookup.
+# A lookup narrows the entries down in three passes: every entry at 16², the best FIRST of them
+# at 32², the best SHORTLIST of those exactly at MASK_SIZE². Both coarse grids are held as uint8
+# pixel counts, a quarter of floats' memory (for pilot S4's 180,928 entries: 46 MB at 16², 185 MB
+# at 32²), and the 16² pass turns them into floats CHUNK entries at a time. Measured on that index
+# with 553 test and validation queries, the exact 64² pick ranked at worst 602nd at 32² and
+# 12,183rd at 16²: within both cuts. One pass at 32² over floats would take 740 MB, over the
+# counts made floats 0.4 s a lookup.
 COARSE_SIZE = 32
 FIRST = 32768
 SHORTLIST = 1024
+CHUNK = 32768
 WHITE = 245      # a pixel whose darkest channel is at least this is background
 
 
@@ -297,8 +299,8 @@ class ReferenceIndex:
     """Training renders' object masks (N, H, W) bool and the VAE latents of their shapes in each
     render's frame: LR (N, L_lr, C) and HR (N, L_hr, C). With a `probe` (D + 1, C_lr) on the MAR-LR's
     image features and `weights` (2,), `lookup` re-ranks the top `candidates` by IoU (module docstring).
-    The masks are held as packed bits, plus COARSE_SIZE² pixel counts and (COARSE_SIZE / 2)² floats
-    for the lookup's first passes."""
+    The masks are held as packed bits, plus COARSE_SIZE² and (COARSE_SIZE / 2)² pixel counts for the
+    lookup's first passes."""
 
     def __init__(self, dark: torch.Tensor, lr, hr, probe: torch.Tensor | None = None,
                  weights: torch.Tensor | None = None, candidates: int = 6):
@@ -325,9 +327,10 @@ class ReferenceIndex:
         for s in range(0, len(bits), chunk):
             pooled = pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
             coarse.append((pooled * self._cell).round().to(torch.uint8))
-            first.append(F.avg_pool2d(pooled.view(-1, 1, COARSE_SIZE, COARSE_SIZE), 2).flatten(1))
+            quarter = F.avg_pool2d(pooled.view(-1, 1, COARSE_SIZE, COARSE_SIZE), 2).flatten(1)
+            first.append((quarter * 4 * self._cell).round().to(torch.uint8))
         self.coarse = torch.cat(coarse)  # (N, COARSE_SIZE²) pixel counts
-        self.first = torch.cat(first)    # (N, (COARSE_SIZE / 2)²) floats
+        self.first = torch.cat(first)    # (N, (COARSE_SIZE / 2)²) pixel counts
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -358,7 +361,9 @@ class ReferenceIndex:
         then exact at MASK_SIZE² (the later passes a query at a time: FIRST entries at 32² are
         134 MB of floats)."""
         small = F.adaptive_avg_pool2d(queries.view(-1, 1, MASK_SIZE, MASK_SIZE), COARSE_SIZE)  # (Q, 1, C, C)
-        firsts = silhouette_iou(F.avg_pool2d(small, 2).flatten(1), self.first)
+        quarter = F.avg_pool2d(small, 2).flatten(1)
+        firsts = torch.cat([silhouette_iou(quarter, self.first[s: s + CHUNK].float() / (4 * self._cell))
+                            for s in range(0, len(self), CHUNK)], 1)
         firsts = firsts.topk(min(FIRST, len(self)), dim=1).indices                   # (Q, F)
         tops, ious = [], []
         for query, q32, first in zip(queries, small.flatten(1), firsts):

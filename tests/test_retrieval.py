@@ -70,7 +70,8 @@ def test_reference_index_round_trip_and_lookup(tmp_path):
 
 def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
     """Passes at 16² and 32² keep shortlists, compared again at 64²: the same picks (and IoU) as
-    comparing every entry at 64², here with shortlists of 64 and 8 among 400 random outlines."""
+    comparing every entry at 64², here with shortlists of 64 and 8 among 400 random outlines (the
+    16² pass in pieces of 96)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:MASK_SIZE, :MASK_SIZE]
 
@@ -87,8 +88,12 @@ def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
     queries = pool(torch.from_numpy(np.stack([blob() for _ in range(40)])))
     exact = silhouette_iou(queries, pool(dark))
     torch.testing.assert_close(index.exact_iou(queries, chunk=64), exact)
+    # the coarse passes' uint8 pixel counts are the masks' exact 16² and 32² averages
+    torch.testing.assert_close(index.first.float() / 16, pool(dark, 16), rtol=0, atol=1e-6)
+    torch.testing.assert_close(index.coarse.float() / 4, pool(dark, 32), rtol=0, atol=1e-6)
     monkeypatch.setattr(retrieval, "FIRST", 64)
     monkeypatch.setattr(retrieval, "SHORTLIST", 8)
+    monkeypatch.setattr(retrieval, "CHUNK", 96)  # the 16² pass over 400 entries in 5 pieces
     top, iou = index.shortlist_iou(queries, 3)
     assert torch.equal(top, exact.topk(3, dim=1).indices)
     torch.testing.assert_close(iou, exact.topk(3, dim=1).values)
