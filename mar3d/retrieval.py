@@ -323,14 +323,13 @@ class ReferenceIndex:
         self.lr, self.hr, self.probe, self.weights, self.candidates = lr, hr, probe, weights, candidates
         self.bits, self.mask_shape = bits, mask_shape  # (N, H·W/8) uint8
         self._cell = mask_shape[0] * mask_shape[1] // COARSE_SIZE**2  # mask pixels in a coarse cell
-        coarse, first = [], []
+        self.coarse = torch.empty(len(bits), COARSE_SIZE**2, dtype=torch.uint8)      # pixel counts
+        self.first = torch.empty(len(bits), COARSE_SIZE**2 // 4, dtype=torch.uint8)  # at (COARSE_SIZE / 2)²
         for s in range(0, len(bits), chunk):
             pooled = pool(self.masks_of(torch.arange(s, min(s + chunk, len(bits)))), COARSE_SIZE)
-            coarse.append((pooled * self._cell).round().to(torch.uint8))
+            self.coarse[s: s + chunk] = (pooled * self._cell).round()
             quarter = F.avg_pool2d(pooled.view(-1, 1, COARSE_SIZE, COARSE_SIZE), 2).flatten(1)
-            first.append((quarter * 4 * self._cell).round().to(torch.uint8))
-        self.coarse = torch.cat(coarse)  # (N, COARSE_SIZE²) pixel counts
-        self.first = torch.cat(first)    # (N, (COARSE_SIZE / 2)²) pixel counts
+            self.first[s: s + chunk] = (quarter * 4 * self._cell).round()
 
     def __len__(self) -> int:
         return len(self.bits)
