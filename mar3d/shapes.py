@@ -882,8 +882,9 @@ def _job(kind: str, key: str, arg, seed: int, out_path: Path):
     return group, out_path.stem, error, time.perf_counter() - start
 
 
-def _plan(out_dir: Path, count: int, seed: int, real_dir, real_variants: int) -> list[tuple]:
-    """All jobs of the dataset: `count` spread evenly over the families, then the real variants."""
+def _plan(out_dir: Path, count: int, seed: int, real_dir, real_variants: int, real_meshes=None) -> list[tuple]:
+    """All jobs of the dataset: `count` spread evenly over the families, then the real variants
+    (of the meshes in `real_dir` whose stems are in `real_meshes`; None: all of them)."""
     jobs = []
     names = list(FAMILIES)
     for i, family in enumerate(names):
@@ -891,14 +892,19 @@ def _plan(out_dir: Path, count: int, seed: int, real_dir, real_variants: int) ->
         jobs += [("family", family, None, shape_seed(seed, family, k), out_dir / f"{family}_{k:05d}.ply") for k in range(n)]
     if real_dir is not None:
         meshes = sorted(p for p in Path(real_dir).iterdir() if p.suffix.lower() in MESH_EXTENSIONS)
-        for path in meshes:
+        for path in (p for p in meshes if real_meshes is None or p.stem in real_meshes):
             jobs += [("real", path.stem, path, shape_seed(seed, path.stem, k), out_dir / f"real__{path.stem}@{k:02d}.ply")
                      for k in range(real_variants)]
     return jobs
 
 
-def build_dataset(out_dir, count: int, seed: int = 0, real_dir=None, real_variants: int = 20, workers: int = 1) -> dict:
+def build_dataset(out_dir, count: int, seed: int = 0, real_dir=None, real_variants: int = 20, workers: int = 1,
+                  real_meshes=None) -> dict:
     """Write `count` procedural shapes (+ real variants) as PLY files; resumable; returns the report.
+
+    `real_meshes`: the stems of the meshes in `real_dir` to make variants of (None: every mesh
+    there). A variant depends only on its mesh, `seed` and number, so a mesh left out of one
+    dataset and built into another gets the same variants.
 
     The report (also `out_dir/shapes.json`) has per-group counts of files present, the shapes written
     now, those skipped because they existed, failures with their error, and timings.
@@ -907,7 +913,7 @@ def build_dataset(out_dir, count: int, seed: int = 0, real_dir=None, real_varian
     out_dir.mkdir(parents=True, exist_ok=True)
     if real_dir is not None and not Path(real_dir).is_dir():
         raise FileNotFoundError(f"real mesh folder does not exist: {real_dir}")
-    plan = _plan(out_dir, count, seed, real_dir, real_variants)
+    plan = _plan(out_dir, count, seed, real_dir, real_variants, real_meshes)
     todo = [job for job in plan if not job[-1].exists()]
 
     start = time.perf_counter()

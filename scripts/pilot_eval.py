@@ -46,7 +46,8 @@ def family(name: str) -> str:
 def validation_shapes(work: Path, r: Recipe, count: int, pick: str = "spread", split: str = "validation") -> list[Path]:
     """`count` validation (or test) shapes: "spread" = evenly over the name-sorted list (every
     family), "first" = the first in name order (the first pilots: families aircraft … lamp only)."""
-    chosen = {"test": lambda n: is_held_out(n, r.val_percent),
+    chosen = {"all": lambda n: True,  # a folder of shapes no model saw: stage unseen's <work>/unseen
+              "test": lambda n: is_held_out(n, r.val_percent),
               "validation": lambda n: is_validation(n, r.val_percent, r.validation_percent),
               "train": lambda n: not is_held_out(n, r.val_percent + r.validation_percent)}[split]
     files = [f for f in sorted((work / "prepared").glob("*.npz")) if chosen(f.stem)]
@@ -66,15 +67,18 @@ def score(mesh, gt) -> dict:
 def summary(rows: list[dict], key: str) -> dict:
     f = [r[key]["fscore@0.05"] for r in rows]
     ok = [r[key] for r in rows if not r[key].get("failed")]
-    fam = {}
+    fam, meshes = {}, {}
     for r in rows:
         fam.setdefault(family(r["shape"]), []).append(r[key]["fscore@0.05"])
+        if r["shape"].startswith("real__"):  # and per source mesh: "real__spot@03" → "spot"
+            meshes.setdefault(r["shape"].split("@")[0].removeprefix("real__"), []).append(r[key]["fscore@0.05"])
     return {"median_f": round(statistics.median(f), 4), "mean_f": round(statistics.fmean(f), 4),
             "share_ge_0.5": round(float(np.mean([x >= 0.5 for x in f])), 3),
             "slab_share": round(statistics.fmean(m["slab_share"] for m in ok), 3) if ok else None,
             "gt_slab_share": round(statistics.fmean(m["gt_slab_share"] for m in ok), 3) if ok else None,
             "failed": len(rows) - len(ok),
-            "families": {k: round(statistics.median(v), 3) for k, v in sorted(fam.items())}}
+            "families": {k: round(statistics.median(v), 3) for k, v in sorted(fam.items())},
+            "real_meshes": {k: round(statistics.median(v), 3) for k, v in sorted(meshes.items())}}
 
 
 def main(argv=None) -> None:
@@ -84,9 +88,10 @@ def main(argv=None) -> None:
     p.add_argument("--label", required=True)
     p.add_argument("--shapes", type=int, default=48)
     p.add_argument("--pick", choices=["spread", "first"], default="spread", help="which validation shapes")
-    p.add_argument("--split", choices=["validation", "test", "train"], default="validation",
+    p.add_argument("--split", choices=["validation", "test", "train", "all"], default="validation",
                    help="test: the held-out test split, for a chosen recipe only; train: shapes the "
-                        "models trained on (the generalisation gap)")
+                        "models trained on (the generalisation gap); all: every shape of --work (stage "
+                        "unseen's <work>/unseen: the real meshes no stage trained on)")
     p.add_argument("--recon", action="store_true", help="also score the deterministic reconstructor (recon)")
     p.add_argument("--occ", action="store_true",
                    help="also score the direct image → occupancy model (occ: pilot O1), extracted like the HR mesh")
