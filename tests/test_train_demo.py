@@ -67,3 +67,12 @@ def test_unseen_meshes_stay_out_of_training_and_are_built_apart(tmp_path, shared
     shutil.copy(u / "shapes" / "real__torus@00.ply", work / "shapes")
     with pytest.raises(SystemExit, match="torus"):
         train_demo.stage_shapes(r, work)
+
+
+def test_unseen_is_skipped_without_shared_meshes(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_demo, "SHARED_MESHES", tmp_path / "none")
+    (tmp_path / "work").mkdir()
+    train_demo.stage_unseen(train_demo.Recipe(), tmp_path / "work", tmp_path / "ckpt")  # needs no checkpoint
+    record = json.loads((tmp_path / "work" / "stages.jsonl").read_text())
+    assert record["stage"] == "unseen" and record["skipped"] is True
+    assert not (tmp_path / "work" / "unseen").exists()
