@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_demo import Recipe, eval_settings, ground_truth  # noqa: E402
+from train_demo import Recipe, eval_settings, ground_truth, real_mesh_of  # noqa: E402
 
 from mar3d.checkpoint import load_model  # noqa: E402
 from mar3d.data import is_held_out, is_validation  # noqa: E402
@@ -70,8 +70,8 @@ def summary(rows: list[dict], key: str) -> dict:
     fam, meshes = {}, {}
     for r in rows:
         fam.setdefault(family(r["shape"]), []).append(r[key]["fscore@0.05"])
-        if r["shape"].startswith("real__"):  # and per source mesh: "real__spot@03" → "spot"
-            meshes.setdefault(r["shape"].split("@")[0].removeprefix("real__"), []).append(r[key]["fscore@0.05"])
+        if real_mesh_of(r["shape"]):  # and per source mesh
+            meshes.setdefault(real_mesh_of(r["shape"]), []).append(r[key]["fscore@0.05"])
     return {"median_f": round(statistics.median(f), 4), "mean_f": round(statistics.fmean(f), 4),
             "share_ge_0.5": round(float(np.mean([x >= 0.5 for x in f])), 3),
             "slab_share": round(statistics.fmean(m["slab_share"] for m in ok), 3) if ok else None,
