@@ -653,6 +653,76 @@ def animal(rng) -> M:
     return union(parts)
 
 
+def plush(rng) -> M:
+    """Stocky organic quadruped (cow, pig, bear, dog, cat; toys and figurines): a body of chest,
+    belly and hips ellipsoids, thick short legs, a large head near the body with an optional muzzle,
+    ears, horns and tail. One in three sits: hips on the ground, the body raised towards the head.
+    Stop 33: `animal` (long thin legs, small head, one ellipsoid) covered few organic shapes."""
+    u = rng.uniform
+    L = u(0.35, 0.6)                       # half body length (z)
+    W, H = L * u(0.45, 0.8), L * u(0.5, 0.85)  # half width (x), half height (y)
+    rh = H * u(0.55, 0.95)                 # head radius
+    size = 2.5 * L + 2 * rh
+    rmin = 0.015 * size
+    rl = max(W * u(0.3, 0.55), rmin)       # leg radius
+    parts = []
+    sitting = rng.random() < 1 / 3
+    if sitting:  # the body pitched up about the hips, hind legs folded under
+        pitch = np.radians(u(30, 60))
+        axis = np.array([0.0, np.sin(pitch), np.cos(pitch)])
+        R = max(W, H) * 0.9  # the seat: a sphere on the floor
+        hips = np.array([0.0, R, -0.2 * L])
+        chest = hips + axis * L * u(0.8, 1.1)
+        parts.append(capsule(hips, chest, R, max(W, H) * u(0.65, 0.85)))
+        for sx in (-1, 1):
+            parts.append(ellipsoid((0.45 * W, 0.6 * H, 0.7 * L), (sx * 0.75 * W, 0.6 * H, -0.05 * L)))  # haunch
+            parts.append(capsule((sx * 0.6 * W, rl, 0.25 * L), (sx * 0.6 * W, rl, 0.65 * L), rl))  # hind paw
+            rf = rl * u(0.8, 1.1)
+            foot = np.array([sx * 0.5 * W, rf, chest[2] + u(0.0, 0.3) * L])
+            parts.append(capsule(chest + (sx * 0.5 * W, -0.3 * H, 0), foot, rl, rf))  # front leg
+        top, front = chest + (0, 0.3 * H, 0), chest[2]
+        root = hips + (0, -0.2 * H, -0.7 * R)
+    else:
+        leg = u(0.05, 0.8) * H                 # leg length below the body
+        cy = leg + 1.2 * H                     # the chest and hips below reach 1.2 H down
+        tilt = u(-0.15, 0.15) * H              # chest higher (or lower) than the hips
+        parts.append(ellipsoid((W, H, L), (0, cy, 0)))
+        parts.append(ellipsoid((W * u(0.85, 1.05), H * u(0.85, 1.05), 0.6 * L), (0, cy + tilt, 0.45 * L)))  # chest
+        parts.append(ellipsoid((W * u(0.85, 1.1), H * u(0.85, 1.05), 0.6 * L), (0, cy - tilt, -0.45 * L)))  # hips
+        rf = max(rl * u(0.75, 1.05), rmin)
+        splay = u(0.0, 0.15) * W
+        for sx in (-1, 1):
+            for sz in (-1, 1):
+                hip = (sx * 0.55 * W, cy - 0.4 * H, sz * 0.6 * L)
+                parts.append(capsule(hip, (sx * (0.55 * W + splay), rf, sz * 0.6 * L * u(0.9, 1.1)), rl, rf))
+        top, front = np.array([0.0, cy + tilt + 0.3 * H, 0.7 * L]), 0.7 * L
+        root = np.array([0.0, cy + 0.2 * H, -0.9 * L])
+    head = np.array([0.0, top[1] + H * u(0.1, 0.8), front + rh * u(0.3, 0.9)])
+    parts.append(capsule(top, head, rh * u(0.5, 0.8)))  # neck
+    parts.append(ellipsoid((rh * u(0.8, 1.05), rh * u(0.85, 1.05), rh * u(0.9, 1.2)), head))
+    if rng.random() < 0.8:  # muzzle
+        parts.append(ellipsoid((rh * u(0.5, 0.75), rh * u(0.4, 0.6), rh * u(0.4, 0.7)), head + (0, -0.3 * rh, 0.75 * rh)))
+    if rng.random() < 0.8:  # ears: out to the side (cow) or up (cat, bear)
+        up = u(0.0, 1.0)
+        ear = u(0.3, 0.7) * rh
+        for sx in (-1, 1):
+            base = head + (sx * 0.6 * rh, 0.55 * rh, -0.1 * rh)
+            tip = base + (sx * ear * (1 - up * 0.7), ear * up, -0.1 * rh)
+            parts.append(capsule(base, tip, max(0.25 * rh, rmin), max(0.15 * rh, rmin)))
+    if rng.random() < 0.35:  # horns
+        horn = u(0.3, 0.8) * rh
+        for sx in (-1, 1):
+            base = head + (sx * 0.35 * rh, 0.8 * rh, -0.1 * rh)
+            parts.append(capsule(base, base + (sx * horn * 0.6, horn, -0.2 * horn),
+                                 max(0.15 * rh, rmin), max(0.08 * rh, rmin)))
+    if rng.random() < 0.7:  # tail
+        tail = u(0.3, 1.0) * L
+        end = root + (0, u(-0.8, 0.8) * tail, -tail)
+        end[1] = max(end[1], rl)  # above the floor
+        parts.append(capsule(root, end, max(0.2 * rl, rmin), max(0.1 * rl, rmin)))
+    return union(parts)
+
+
 def bed(rng) -> M:
     """Frame on legs or a plinth, mattress, headboard at -Z (optional posts), optional footboard, pillows."""
     u = rng.uniform
@@ -814,7 +884,7 @@ def _as_mesh(build: Callable[[np.random.Generator], M]) -> Callable[[np.random.G
 
 FAMILIES: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
     fn.__name__: _as_mesh(fn)
-    for fn in (chair, table, stool, sofa, shelf, mug, vase_bottle, lamp, car, aircraft, animal, bed, bench, rocket, tower)
+    for fn in (chair, table, stool, sofa, shelf, mug, vase_bottle, lamp, car, aircraft, animal, bed, bench, rocket, tower, plush)
 }
 
 
@@ -882,11 +952,12 @@ def _job(kind: str, key: str, arg, seed: int, out_path: Path):
     return group, out_path.stem, error, time.perf_counter() - start
 
 
-def _plan(out_dir: Path, count: int, seed: int, real_dir, real_variants: int, real_meshes=None) -> list[tuple]:
-    """All jobs of the dataset: `count` spread evenly over the families, then the real variants
-    (of the meshes in `real_dir` whose stems are in `real_meshes`; None: all of them)."""
+def _plan(out_dir: Path, count: int, seed: int, real_dir, real_variants: int, real_meshes=None,
+          families=None) -> list[tuple]:
+    """All jobs of the dataset: `count` spread evenly over `families` (None: all FAMILIES), then the
+    real variants (of the meshes in `real_dir` whose stems are in `real_meshes`; None: all of them)."""
     jobs = []
-    names = list(FAMILIES)
+    names = list(FAMILIES) if families is None else list(families)
     for i, family in enumerate(names):
         n = count // len(names) + (i < count % len(names))
         jobs += [("family", family, None, shape_seed(seed, family, k), out_dir / f"{family}_{k:05d}.ply") for k in range(n)]
@@ -899,12 +970,13 @@ def _plan(out_dir: Path, count: int, seed: int, real_dir, real_variants: int, re
 
 
 def build_dataset(out_dir, count: int, seed: int = 0, real_dir=None, real_variants: int = 20, workers: int = 1,
-                  real_meshes=None) -> dict:
+                  real_meshes=None, families=None) -> dict:
     """Write `count` procedural shapes (+ real variants) as PLY files; resumable; returns the report.
 
     `real_meshes`: the stems of the meshes in `real_dir` to make variants of (None: every mesh
     there). A variant depends only on its mesh, `seed` and number, so a mesh left out of one
-    dataset and built into another gets the same variants.
+    dataset and built into another gets the same variants. `families`: those `count` is spread
+    over (None: all of FAMILIES).
 
     The report (also `out_dir/shapes.json`) has per-group counts of files present, the shapes written
     now, those skipped because they existed, failures with their error, and timings.
@@ -913,7 +985,7 @@ def build_dataset(out_dir, count: int, seed: int = 0, real_dir=None, real_varian
     out_dir.mkdir(parents=True, exist_ok=True)
     if real_dir is not None and not Path(real_dir).is_dir():
         raise FileNotFoundError(f"real mesh folder does not exist: {real_dir}")
-    plan = _plan(out_dir, count, seed, real_dir, real_variants, real_meshes)
+    plan = _plan(out_dir, count, seed, real_dir, real_variants, real_meshes, families)
     todo = [job for job in plan if not job[-1].exists()]
 
     start = time.perf_counter()

@@ -122,6 +122,10 @@ class Recipe:
     # shipped MARs were tuned on the 1,200-shape index's references). The index names procedural
     # shapes and a lookup makes them again (ShapeSurfaces)
     reference_extra_shapes: int = 1800
+    # families no stage trains on, made for the index alone (`reference_extra_shapes` each, numbered
+    # from 0, their test and validation buckets left out); the shapes stage spreads `shapes` over the
+    # other families. Pilot S13 (stop 33): "plush", stocky organic quadrupeds
+    index_only_families: str = "plush"
     # the index re-ranks this many top-IoU entries (0: no re-ranker). Pilot RL (stop 24) fitted one
     # for 1 view per shape; at 16 views it is level with the IoU's own pick (pilot V16): none since stop 27
     rerank_candidates: int = 0
@@ -157,12 +161,23 @@ def real_mesh_of(shape: str) -> str | None:
     return shape.split("@")[0].removeprefix("real__") if shape.startswith("real__") else None
 
 
+def training_families(r: Recipe) -> list[str]:
+    """The procedural families the shapes stage builds: all of mar3d.shapes.FAMILIES but the index-only ones."""
+    from mar3d.shapes import FAMILIES
+
+    index_only = {f for f in r.index_only_families.split(",") if f}
+    unknown = index_only - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"index_only_families names no family: {', '.join(sorted(unknown))} (FAMILIES: {', '.join(FAMILIES)})")
+    return [f for f in FAMILIES if f not in index_only]
+
+
 def stage_shapes(r: Recipe, work: Path) -> None:
     done = timed_stage(work, "shapes")
     real = SHARED_MESHES if SHARED_MESHES.is_dir() else None
     seen = None if real is None else {p.stem for p in real.iterdir()} - unseen_meshes(r)
     report = build_dataset(work / "shapes", r.shapes, seed=DATASET_SEED, real_dir=real, real_variants=r.real_variants,
-                           workers=r.workers, real_meshes=seen)
+                           workers=r.workers, real_meshes=seen, families=training_families(r))
     leaked = sorted({real_mesh_of(p.stem) for p in (work / "shapes").glob("real__*")} & unseen_meshes(r))
     if leaked:  # a folder built before they were left out: every later stage would train on them
         raise SystemExit(f"{work / 'shapes'} holds variants of {', '.join(leaked)}, which recipe.unseen_meshes "
@@ -383,10 +398,10 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
     if r.reference_extra_shapes:  # index-only procedural shapes, views and points made (and kept) under <work>
         import multiprocessing as mp
 
-        from mar3d.shapes import FAMILIES
-
-        first = r.shapes // len(FAMILIES)  # the shapes stage numbers each family's shapes from 0
-        more = [f"{f}_{k:05d}" for k in range(first, first + r.reference_extra_shapes) for f in FAMILIES]
+        trained = training_families(r)
+        first = r.shapes // len(trained)  # the shapes stage numbers each family's shapes from 0
+        more = [f"{f}_{k:05d}" for k in range(first, first + r.reference_extra_shapes) for f in trained]
+        more += [f"{f}_{k:05d}" for k in range(r.reference_extra_shapes) for f in r.index_only_families.split(",") if f]
         more = [n for n in more if not is_held_out(n, left_out(r))]
         image_size = MAR_PRESETS["tiny"].image_encoder.image_size
         views = r.reference_views + r.reference_extra_views  # as many as each training shape has

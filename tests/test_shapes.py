@@ -209,3 +209,18 @@ def test_cli_parallel(tmp_path):
     assert report["total"] == len(FAMILIES) and report["failures"] == []
     serial = make_shape("lamp", shape_seed(0, "lamp", 0))
     assert len(load_mesh(out / "lamp_00000.ply").faces) == len(serial.faces)
+
+
+def test_plan_over_chosen_families():
+    jobs = shapes._plan(Path("/nonexistent"), 5, 0, None, 0, families=["mug", "plush"])
+    assert [j[-1].name for j in jobs] == ["mug_00000.ply", "mug_00001.ply", "mug_00002.ply",
+                                          "plush_00000.ply", "plush_00001.ply"]
+
+
+def test_plush_sits_or_stands_on_its_feet():
+    """A plush quadruped touches the floor in at least three of the four quadrants around its
+    contact points (four feet, or two front paws and the haunches)."""
+    for seed in range(6):
+        mesh = make_shape("plush", seed)
+        assert len(_contact_quadrants(mesh)) >= 3, seed
+        assert mesh.extents[2] > 0.5 * mesh.extents[1]  # a body along z, not a column

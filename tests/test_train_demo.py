@@ -76,3 +76,21 @@ def test_unseen_is_skipped_without_shared_meshes(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "work" / "stages.jsonl").read_text())
     assert record["stage"] == "unseen" and record["skipped"] is True
     assert not (tmp_path / "work" / "unseen").exists()
+
+
+def test_index_only_families_stay_out_of_training(tmp_path, monkeypatch):
+    """The shapes stage builds every family but the index-only ones (the shipped recipe: "plush"),
+    with `shapes` spread over the rest, so adding a family to mar3d.shapes leaves the training
+    data, and the index-only names numbered after it, as they were."""
+    from mar3d.shapes import FAMILIES
+
+    r = train_demo.Recipe(shapes=len(FAMILIES) - 1, real_variants=0, workers=1)
+    assert "plush" in r.index_only_families.split(",")
+    trained = train_demo.training_families(r)
+    assert "plush" not in trained and set(trained) | {"plush"} == set(FAMILIES)
+    monkeypatch.setattr(train_demo, "SHARED_MESHES", tmp_path / "none")
+    train_demo.stage_shapes(r, tmp_path / "work")
+    assert sorted(p.stem for p in (tmp_path / "work" / "shapes").glob("*.ply")) == sorted(f"{f}_00000" for f in trained)
+    assert set(train_demo.training_families(train_demo.Recipe(index_only_families=""))) == set(FAMILIES)
+    with pytest.raises(ValueError, match="plushy"):
+        train_demo.training_families(train_demo.Recipe(index_only_families="plush,plushy"))
