@@ -63,6 +63,7 @@ COARSE_SIZE = 32
 FIRST = 32768
 SHORTLIST = 1024
 CHUNK = 32768
+BATCH_QUERIES = 8  # from this many queries at once (training stages) the 32² pass runs over every entry
 WHITE = 245      # a pixel whose darkest channel is at least this is background
 
 
@@ -358,25 +359,47 @@ class ReferenceIndex:
         """The k entries (Q, k) of highest silhouette IoU with each query (Q, MASK_SIZE²), best first,
         and their IoU (Q, k): FIRST by IoU at (COARSE_SIZE / 2)², SHORTLIST of them at COARSE_SIZE²,
         then exact at MASK_SIZE² (the later passes a query at a time: FIRST entries at 32² are
-        134 MB of floats)."""
+        134 MB of floats; from BATCH_QUERIES queries on, the 32² pass runs over every entry for all
+        of them at once, `_shortlists`)."""
         small = F.adaptive_avg_pool2d(queries.view(-1, 1, MASK_SIZE, MASK_SIZE), COARSE_SIZE)  # (Q, 1, C, C)
         quarter = F.avg_pool2d(small, 2).flatten(1)
         firsts = torch.cat([silhouette_iou(quarter, self.first[s: s + CHUNK].float() / (4 * self._cell))
                             for s in range(0, len(self), CHUNK)], 1)
         firsts = firsts.topk(min(FIRST, len(self)), dim=1).indices                   # (Q, F)
+        shorts = (self._shortlists(small.flatten(1), firsts) if len(queries) >= BATCH_QUERIES else
+                  [first[self._coarse_iou(q32[None], first[None])[0].topk(min(SHORTLIST, len(first))).indices]
+                   for q32, first in zip(small.flatten(1), firsts)])
         tops, ious = [], []
-        for query, q32, first in zip(queries, small.flatten(1), firsts):
-            keys = self.coarse[first].float() / self._cell                             # (F, C²)
-            inter = keys @ q32
-            iou = inter / (q32.sum() + keys.sum(-1) - inter).clamp_min(1e-6)
-            short = first[iou.topk(min(SHORTLIST, len(iou))).indices]                  # (S,)
-            keys = pool(self.masks_of(short))                                          # (S, D)
+        for query, short in zip(queries, shorts):
+            masks = self.masks_of(short)
+            keys = masks.flatten(1).float() if self.mask_shape == (MASK_SIZE, MASK_SIZE) else pool(masks)  # (S, D)
             inter = keys @ query
             iou = inter / (query.sum() + keys.sum(-1) - inter).clamp_min(1e-6)
             best = iou.topk(min(k, len(iou)))
             tops.append(short[best.indices])
             ious.append(best.values)
         return torch.stack(tops), torch.stack(ious)
+
+    def _coarse_iou(self, q32: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """IoU (Q, F) at COARSE_SIZE² of queries (Q, C²) with their entries `first` (Q, F)."""
+        keys = self.coarse[first].float() / self._cell                                 # (Q, F, C²)
+        inter = (keys @ q32[:, :, None])[..., 0]
+        return inter / (q32.sum(1, keepdim=True) + keys.sum(-1) - inter).clamp_min(1e-6)
+
+    def _shortlists(self, q32: torch.Tensor, firsts: torch.Tensor) -> torch.Tensor:
+        """The SHORTLIST (Q, S) of many queries at once: the 32² pass over every entry, CHUNK at a
+        time (each count made float once for all the queries, not once a query), then each query's
+        FIRST entries taken in their order. The same IoUs, bit for bit, as a query at a time (sums
+        of quarter-pixel values are exact in float32), so the same shortlists; training stages only
+        (BATCH_QUERIES): (Q, N) floats."""
+        iou = torch.empty(len(q32), len(self))
+        total = q32.sum(1, keepdim=True)
+        for s in range(0, len(self), CHUNK):
+            keys = self.coarse[s: s + CHUNK].float() / self._cell
+            inter = q32 @ keys.T
+            iou[:, s: s + CHUNK] = inter / (total + keys.sum(1) - inter).clamp_min(1e-6)
+        iou = iou.gather(1, firsts)                                                     # (Q, F), FIRST order
+        return firsts.gather(1, iou.topk(min(SHORTLIST, firsts.shape[1]), dim=1).indices)
 
     def nearest_other(self, queries: torch.Tensor, own: torch.Tensor, groups: torch.Tensor, k: int = 96) -> torch.Tensor:
         """For each query silhouette (Q, MASK_SIZE²), the entry (Q,) of highest IoU whose group

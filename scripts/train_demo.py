@@ -524,9 +524,10 @@ def index_references(job) -> dict:
     keep = torch.tensor([in_reference_index(r, n) for n in meta["names"]])
     entry = torch.cumsum(keep.long(), 0) - 1  # a kept cache row's entry: the index begins with them
     shape = index.lr.shape_ids
-    picks = torch.cat([index.nearest_other(silhouettes(data["images"][rows[s: s + 32]]),
-                                           shape[entry[rows[s: s + 32]]], shape)
-                       for s in range(0, len(rows), 32)])
+    batch = 128  # queries at once: the index's 32² pass turns its counts into floats once for them all
+    picks = torch.cat([index.nearest_other(silhouettes(data["images"][rows[s: s + batch]]),
+                                           shape[entry[rows[s: s + batch]]], shape)
+                       for s in range(0, len(rows), batch)])
     with torch.no_grad():
         return {"rows": torch.tensor(rows), "entries": picks, "lr": index.lr[picks], "hr": index.hr[picks]}
 

@@ -94,9 +94,11 @@ def test_the_two_pass_lookup_finds_what_the_exact_search_finds(monkeypatch):
     monkeypatch.setattr(retrieval, "FIRST", 64)
     monkeypatch.setattr(retrieval, "SHORTLIST", 8)
     monkeypatch.setattr(retrieval, "CHUNK", 96)  # the 16² pass over 400 entries in 5 pieces
-    top, iou = index.shortlist_iou(queries, 3)
-    assert torch.equal(top, exact.topk(3, dim=1).indices)
-    torch.testing.assert_close(iou, exact.topk(3, dim=1).values)
+    for batch in (1, 10**9):  # the 32² pass over every entry for all 40 queries at once, or a query at a time
+        monkeypatch.setattr(retrieval, "BATCH_QUERIES", batch)
+        top, iou = index.shortlist_iou(queries, 3)
+        assert torch.equal(top, exact.topk(3, dim=1).indices)
+        torch.testing.assert_close(iou, exact.topk(3, dim=1).values)
 
 
 def test_nearest_other_skips_the_querys_own_group_as_the_exact_search_does(monkeypatch):
