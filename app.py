@@ -62,7 +62,8 @@ DISPLAY_SIDE = 384
 VIEWER_BACKGROUND = (0.36, 0.39, 0.45, 1.0)
 DOMAIN_NOTE = ("**What the shipped model knows:** procedural shapes of 15 families (chairs, tables, stools, "
                "sofas, shelves, mugs, vases and bottles, lamps, cars, aircraft, animals, beds, benches, rockets, "
-               "towers) and a few real meshes, rendered on plain backgrounds (checkpoints/README.md). Photos of "
+               "towers), plump quadrupeds in its reference index, and a few real meshes, rendered on plain "
+               "backgrounds (checkpoints/README.md). Photos of "
                "other things are outside its domain: it answers with the nearest shape it knows.")
 # Gradio's cache (uploads, returned files): every 10 minutes, delete what is older than an hour.
 DELETE_CACHE = (600, 3600)
