@@ -367,7 +367,7 @@ class ReferenceIndex:
                             for s in range(0, len(self), CHUNK)], 1)
         firsts = firsts.topk(min(FIRST, len(self)), dim=1).indices                   # (Q, F)
         shorts = (self._shortlists(small.flatten(1), firsts) if len(queries) >= BATCH_QUERIES else
-                  [first[self._coarse_iou(q32[None], first[None])[0].topk(min(SHORTLIST, len(first))).indices]
+                  [first[self._coarse_iou(q32, first).topk(min(SHORTLIST, len(first))).indices]
                    for q32, first in zip(small.flatten(1), firsts)])
         tops, ious = [], []
         for query, short in zip(queries, shorts):
@@ -381,10 +381,10 @@ class ReferenceIndex:
         return torch.stack(tops), torch.stack(ious)
 
     def _coarse_iou(self, q32: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """IoU (Q, F) at COARSE_SIZE² of queries (Q, C²) with their entries `first` (Q, F)."""
-        keys = self.coarse[first].float() / self._cell                                 # (Q, F, C²)
-        inter = (keys @ q32[:, :, None])[..., 0]
-        return inter / (q32.sum(1, keepdim=True) + keys.sum(-1) - inter).clamp_min(1e-6)
+        """IoU (F,) at COARSE_SIZE² of one query (C²,) with entries `first` (F,)."""
+        keys = self.coarse[first].float() / self._cell                                 # (F, C²)
+        inter = keys @ q32
+        return inter / (q32.sum() + keys.sum(-1) - inter).clamp_min(1e-6)
 
     def _shortlists(self, q32: torch.Tensor, firsts: torch.Tensor) -> torch.Tensor:
         """The SHORTLIST (Q, S) of many queries at once: the 32² pass over every entry, CHUNK at a

@@ -118,9 +118,9 @@ class Recipe:
     reference_extra_views: int = 12
     # procedural shapes per family made for the index alone, numbered after the training shapes
     # (their test and validation buckets left out; each with 16 views): pilot S4, 600 (4 times the
-    # training shapes); pilot S8, 1,200; pilot S12 (stop 32), 1,800: shipped, the index only (the
-    # shipped MARs were tuned on the 1,200-shape index's references). The index names procedural
-    # shapes and a lookup makes them again (ShapeSurfaces)
+    # training shapes); pilot S8, 1,200; pilot S12 (stop 32), 1,800 (since stop 33, pilot S13T, the
+    # shipped MARs are tuned on its references). The index names procedural shapes and a lookup
+    # makes them again (ShapeSurfaces)
     reference_extra_shapes: int = 1800
     # families no stage trains on, made for the index alone (`reference_extra_shapes` each, numbered
     # from 0, their test and validation buckets left out); the shapes stage spreads `shapes` over the
@@ -161,11 +161,15 @@ def real_mesh_of(shape: str) -> str | None:
     return shape.split("@")[0].removeprefix("real__") if shape.startswith("real__") else None
 
 
+def index_only_families(r: Recipe) -> list[str]:
+    return [f for f in r.index_only_families.split(",") if f]
+
+
 def training_families(r: Recipe) -> list[str]:
     """The procedural families the shapes stage builds: all of mar3d.shapes.FAMILIES but the index-only ones."""
     from mar3d.shapes import FAMILIES
 
-    index_only = {f for f in r.index_only_families.split(",") if f}
+    index_only = set(index_only_families(r))
     unknown = index_only - set(FAMILIES)
     if unknown:
         raise ValueError(f"index_only_families names no family: {', '.join(sorted(unknown))} (FAMILIES: {', '.join(FAMILIES)})")
@@ -401,7 +405,7 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
         trained = training_families(r)
         first = r.shapes // len(trained)  # the shapes stage numbers each family's shapes from 0
         more = [f"{f}_{k:05d}" for k in range(first, first + r.reference_extra_shapes) for f in trained]
-        more += [f"{f}_{k:05d}" for k in range(r.reference_extra_shapes) for f in r.index_only_families.split(",") if f]
+        more += [f"{f}_{k:05d}" for k in range(r.reference_extra_shapes) for f in index_only_families(r)]
         more = [n for n in more if not is_held_out(n, left_out(r))]
         image_size = MAR_PRESETS["tiny"].image_encoder.image_size
         views = r.reference_views + r.reference_extra_views  # as many as each training shape has

@@ -39,8 +39,8 @@ def test_outputs_follow_their_own_image(pipe, seed):
     on its own: the meshes generated from each held-out render are closer (Chamfer) to that
     render's shape than the meshes generated from the other renders are. A model that ignores its
     image scores a ratio of about 1 here. Measured on the shipped checkpoint, own / shuffled mean
-    Chamfer at seeds 0-3: 0.53, 0.53, 0.53, 0.53 (stop 32, the U4 retrain with three real meshes
-    never seen and the S12 index; 0.59, 0.58, 0.58, 0.58 with U4's own index; stop 30: 0.55, 0.55,
+    Chamfer at seeds 0-3: 0.53, 0.53, 0.53, 0.53 (stop 33, the S13 index and the MARs tuned on its
+    references; the same at stop 32, the U4 retrain with three real meshes never seen and the S12 index; 0.59, 0.58, 0.58, 0.58 with U4's own index; stop 30: 0.55, 0.55,
     0.55, 0.55, twice the index-only shapes; the same at
     stop 29, the MARs tuned on the index's references;
     stop 28: 0.62, 0.63, 0.63, 0.63, the index with shapes made for it alone;
