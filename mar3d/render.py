@@ -225,23 +225,15 @@ def render(mesh: trimesh.Trimesh, camera: Camera, rng: np.random.Generator | Non
     ambient = float(rng.uniform(0.2, 0.4)) if ambient is None else float(ambient)
     specular = float(rng.uniform(0.0, 0.2)) if specular is None else float(specular)
 
-    # Rays through sub-pixel centres, in world coordinates.
     size, ss = int(camera.size), int(supersample)
     n = size * ss
-    s = (np.arange(n) + 0.5) / ss                      # sub-pixel centres in pixel units
-    u, v = np.meshgrid(s, s)                           # u right, v down
-    c, f = size / 2.0, camera.focal
-    dirs_cam = np.stack([(u - c) / f, -(v - c) / f, -np.ones_like(u)], -1).reshape(-1, 3)
-    R = camera.rotation
-    dirs = _transform(dirs_cam, R)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    origin = camera.position
-    tri = mesh.ray.intersects_first(np.broadcast_to(origin, dirs.shape), dirs)
+    R, origin = camera.rotation, camera.position
+    tri, hit_dirs = _cast(mesh, camera, ss)
     hit = tri >= 0
 
     rgb = np.zeros((n * n, 3))
     if hit.any():
-        tri_h, d = tri[hit], dirs[hit]
+        tri_h, d = tri[hit], hit_dirs
         fn = np.asarray(mesh.face_normals)[tri_h]
         a, b, cc = (np.asarray(mesh.triangles)[tri_h, k] for k in range(3))
         # Hit point: intersect the ray with the face's plane.
@@ -278,21 +270,64 @@ def render(mesh: trimesh.Trimesh, camera: Camera, rng: np.random.Generator | Non
     rgb = rgb.reshape(size, ss, size, ss, 3).sum(axis=(1, 3))
     cover = hit.reshape(size, ss, size, ss).sum(axis=(1, 3)).astype(np.float64)
     rgb = rgb / np.maximum(cover, 1.0)[..., None]
-    alpha = cover / (ss * ss)
-    out = np.empty((size, size, 4), dtype=np.uint8)
+    return _rgba(rgb, cover / (ss * ss))
+
+
+def _cast(mesh: trimesh.Trimesh, camera: Camera, ss: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rays through the centres of ss × ss sub-pixels of each pixel: the first triangle each hits
+    ((size·ss)², −1: none, row-major) and the world directions of the rays that hit (in that order).
+    Only the sub-pixels inside the box around the mesh's projected vertices are cast (a triangle
+    projects inside its corners' hull): each ray and its hit are as if all were cast."""
+    size = int(camera.size)
+    n = size * ss
+    box = camera.project(mesh.vertices) * ss - 0.5     # in sub-pixel indices
+    (u0, v0), (u1, v1) = np.floor(box.min(0)) - 1, np.ceil(box.max(0)) + 2
+    cols = np.arange(max(int(u0), 0), min(int(u1), n))
+    rows = np.arange(max(int(v0), 0), min(int(v1), n))
+    u, v = np.meshgrid((cols + 0.5) / ss, (rows + 0.5) / ss)  # sub-pixel centres in pixel units, u right, v down
+    c, f = size / 2.0, camera.focal
+    dirs_cam = np.stack([(u - c) / f, -(v - c) / f, -np.ones_like(u)], -1).reshape(-1, 3)
+    dirs = _transform(dirs_cam, camera.rotation)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    tri = np.full((n, n), -1, dtype=np.int64)
+    if len(dirs):
+        window = mesh.ray.intersects_first(np.broadcast_to(camera.position, dirs.shape), dirs)
+        tri[rows[:, None], cols[None]] = window.reshape(len(rows), len(cols))
+        dirs = dirs[window >= 0]
+    return tri.reshape(-1), dirs
+
+
+def _rgba(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """(size, size, 3) colours and (size, size) alphas in [0, 1] → RGBA uint8."""
+    out = np.empty((*alpha.shape, 4), dtype=np.uint8)
     out[..., :3] = np.round(rgb * 255.0).astype(np.uint8)
     out[..., 3] = np.round(alpha * 255.0).astype(np.uint8)
     return out
 
 
-def render_views(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator, size: int = 128,
+def render_flat(mesh: trimesh.Trimesh, camera: Camera, rng: np.random.Generator, supersample: int = 2) -> np.ndarray:
+    """`render`'s alpha (the same rays, so the same coverage) under one flat colour: the random
+    base colour `render` would draw, at mid shading (ambient + half the diffuse, no highlight). For
+    silhouettes only (the reference index's masks, pilot S14): it skips the shading, about half of
+    `render`'s time. It draws from `rng` everything `render` draws, so the views after it are the same."""
+    color, _light = random_color(rng), random_light(rng)
+    ambient, _specular = float(rng.uniform(0.2, 0.4)), float(rng.uniform(0.0, 0.2))
+    size, ss = int(camera.size), int(supersample)
+    hit = _cast(mesh, camera, ss)[0] >= 0
+    cover = hit.reshape(size, ss, size, ss).sum(axis=(1, 3))
+    flat = (color ** GAMMA * (ambient + (1.0 - ambient) * 0.5)) ** (1.0 / GAMMA)
+    return _rgba(flat * (cover > 0)[..., None], cover / (ss * ss))
+
+
+def render_views(mesh: trimesh.Trimesh, n: int, rng: np.random.Generator, size: int = 128, shaded: bool = True,
                  **camera_kwargs) -> list[tuple[np.ndarray, Camera]]:
     """`n` renders from `random_camera`s framed on the mesh's bounding ball (each with its own
-    random colour and light). `camera_kwargs` go to `random_camera` (elevation, fov, fill)."""
+    random colour and light; `shaded=False`: `render_flat`, the same cameras). `camera_kwargs` go
+    to `random_camera` (elevation, fov, fill)."""
     radius = bounding_radius(mesh)
-    normals = corner_normals(mesh)
+    normals = corner_normals(mesh) if shaded else None
     views = []
     for _ in range(n):
         camera = random_camera(rng, size=size, radius=radius, **camera_kwargs)
-        views.append((render(mesh, camera, rng, normals=normals), camera))
+        views.append((render(mesh, camera, rng, normals=normals) if shaded else render_flat(mesh, camera, rng), camera))
     return views

@@ -126,6 +126,10 @@ class Recipe:
     # from 0, their test and validation buckets left out); the shapes stage spreads `shapes` over the
     # other families. Pilot S13 (stop 33): "plush", stocky organic quadrupeds
     index_only_families: str = "plush"
+    # the index's own views (`reference_extra_views`, the index-only shapes') rendered shaded as the
+    # cache's, or flat for their masks alone (False; mar3d.render.render_flat: the same coverage, one
+    # colour, no shading, about half the time): pilot S14
+    index_shaded: bool = True
     # the index re-ranks this many top-IoU entries (0: no re-ranker). Pilot RL (stop 24) fitted one
     # for 1 view per shape; at 16 views it is level with the IoU's own pick (pilot V16): none since stop 27
     rerank_candidates: int = 0
@@ -393,7 +397,8 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
 
         image_size = MAR_PRESETS["tiny"].image_encoder.image_size  # the cache's condition images
         with mp.get_context("spawn").Pool(r.workers) as pool:
-            extra = pool.map(extra_index_views, [(work, s, r.reference_extra_views, r.render_size, image_size)
+            extra = pool.map(extra_index_views, [(work, s, r.reference_extra_views, r.render_size, image_size,
+                                                  r.index_shaded)
                                                  for s in shapes],
                              chunksize=16)
         dark = torch.cat([dark, *(m for m, _ in extra)])
@@ -410,7 +415,7 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
         image_size = MAR_PRESETS["tiny"].image_encoder.image_size
         views = r.reference_views + r.reference_extra_views  # as many as each training shape has
         with mp.get_context("spawn").Pool(r.workers) as pool:
-            made = pool.map(index_shape, [(work, n, views, r.render_size, image_size, P) for n in more],
+            made = pool.map(index_shape, [(work, n, views, r.render_size, image_size, P, r.index_shaded) for n in more],
                             chunksize=16)
         more, made = [n for n, m in zip(more, made) if m is not None], [m for m in made if m is not None]
         dark = torch.cat([dark, *(torch.from_numpy(m["masks"]) for m in made)])
@@ -440,14 +445,15 @@ def surface_index(r: Recipe, work: Path, out: Path, data: dict, meta: dict, keep
                 stored_shapes=len(stored), procedural_shapes=len(procedural), **check)
 
 
-def index_views(mesh, shape: str, n: int, size: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def index_views(mesh, shape: str, n: int, size: int, image_size: int, shaded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(masks (n, 64, 64) bool, azimuths (n,)) of n random views of a normalised shape, made as the
-    cache makes its condition images (render, then preprocess), for the reference index only."""
+    cache makes its condition images (render, shaded or flat, then preprocess), for the reference
+    index only."""
     from mar3d.retrieval import MASK_SIZE, silhouettes
 
     rng = np.random.default_rng(shape_seed(shape) + 2)  # other draws than the cache's views (+ 1)
     images, azimuths = [], []
-    for rgba, camera in render_views(mesh, n, rng, size=size):
+    for rgba, camera in render_views(mesh, n, rng, size=size, shaded=shaded):
         images.append(np.asarray(preprocess_image(Image.fromarray(rgba), "auto", 0.85, size=image_size).image))
         azimuths.append(camera.azimuth_deg)
     masks = silhouettes(torch.from_numpy(np.stack(images))) > 0.5
@@ -458,11 +464,11 @@ def extra_index_views(job) -> tuple[torch.Tensor, torch.Tensor]:
     """`index_views` of a prepared shape: n more views beside the cache's."""
     from mar3d.geometry import load_mesh
 
-    work, shape, n, size, image_size = job
+    work, shape, n, size, image_size, shaded = job
     data = np.load(work / "prepared" / f"{shape}.npz")
     mesh = load_mesh(work / "shapes" / str(data["source"]))
     mesh.vertices = (mesh.vertices - data["center"]) * data["scale"]
-    return index_views(mesh, shape, n, size, image_size)
+    return index_views(mesh, shape, n, size, image_size, shaded)
 
 
 def index_shape(job) -> dict | None:
@@ -472,21 +478,22 @@ def index_shape(job) -> dict | None:
     generator rejects, as the shapes stage skips it (mar3d.shapes.finish)."""
     from mar3d.retrieval import MASK_SIZE, procedural_mesh, procedural_surface
 
-    work, name, n, size, image_size, P = job
+    work, name, n, size, image_size, P, shaded = job
     path = work / "index_shapes" / f"{name}.npz"
     data = np.load(path) if path.exists() else None
-    if data is None or len(data["azimuths"]) != n:
+    if data is None or len(data["azimuths"]) != n or bool(data.get("shaded", True)) != shaded:
         torch.set_num_threads(1)
         try:
             mesh = procedural_mesh(name, SURFACE_RECIPE)
         except ValueError as error:
             print(f"index shape {name} skipped: {error}", flush=True)
             return None
-        masks, azimuths = index_views(mesh, name, n, size, image_size)
+        masks, azimuths = index_views(mesh, name, n, size, image_size, shaded)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{name}.tmp.npz")
         np.savez(tmp, surface=procedural_surface(name, P, SURFACE_RECIPE, mesh=mesh),
-                 masks=np.packbits(masks.flatten(1).numpy(), axis=1), azimuths=azimuths.numpy().astype(np.float32))
+                 masks=np.packbits(masks.flatten(1).numpy(), axis=1), azimuths=azimuths.numpy().astype(np.float32),
+                 shaded=shaded)
         tmp.rename(path)
         data = np.load(path)
     masks = np.unpackbits(data["masks"], axis=1, count=MASK_SIZE * MASK_SIZE).astype(bool)

@@ -11,8 +11,8 @@ import trimesh
 from scipy import ndimage
 
 from mar3d.geometry import load_mesh, normalize_mesh
-from mar3d.render import (Camera, bounding_radius, corner_normals, fit_distance, random_camera, render,
-                          render_views, rotate_mesh_to_view, rotate_to_view)
+from mar3d.render import (Camera, _cast, _transform, bounding_radius, corner_normals, fit_distance, random_camera, render,
+                          render_flat, render_views, rotate_mesh_to_view, rotate_to_view)
 from tests.conftest import data_mesh
 
 FIXED = dict(color=(0.6, 0.5, 0.4), light_dir=(0.3, 0.6, 0.75), ambient=0.3, specular=0.0)
@@ -167,6 +167,46 @@ def test_camera_dict_round_trip_and_projection_consistency(spot):
         # Framed on the bounding ball: the object never touches the border.
         alpha = img[..., 3]
         assert alpha[[0, -1]].max() == 0 and alpha[:, [0, -1]].max() == 0
+
+
+def test_windowed_cast_hits_as_casting_every_ray(spot):
+    """`_cast` casts only the sub-pixels around the projected mesh: every ray's hit must be the one
+    a cast of all (size·ss)² rays gives, for a mesh in the middle, off to a side, and cut by the
+    frame's edge (a camera too close)."""
+    off_side = spot.copy()
+    off_side.vertices = off_side.vertices * 0.3 + [0.9, -0.4, 0.2]
+    cases = [(spot, random_camera(np.random.default_rng(4), size=48, radius=bounding_radius(spot))),
+             (off_side, Camera(30.0, 10.0, 4.0, 40.0, 48)),
+             (spot, Camera(200.0, 20.0, 1.8, 50.0, 48))]
+    for mesh, cam in cases:
+        for ss in (1, 2):
+            n = cam.size * ss
+            s = (np.arange(n) + 0.5) / ss
+            u, v = np.meshgrid(s, s)
+            dirs = np.stack([(u - n / ss / 2) / cam.focal, -(v - n / ss / 2) / cam.focal, -np.ones_like(u)], -1)
+            dirs = _transform(dirs.reshape(-1, 3), cam.rotation)
+            dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+            every = mesh.ray.intersects_first(np.broadcast_to(cam.position, dirs.shape), dirs)
+            tri, hit_dirs = _cast(mesh, cam, ss)
+            assert (every >= 0).sum() > 50
+            np.testing.assert_array_equal(tri, every)
+            np.testing.assert_array_equal(hit_dirs, dirs[tri >= 0])
+    assert (_cast(*cases[2], 1)[0].reshape(48, 48)[[0, -1]] >= 0).any()  # cut by the frame's edge
+
+
+def test_flat_render_keeps_coverage_and_draws(spot):
+    """render_flat: `render`'s alpha exactly, one colour where covered, none elsewhere, and the
+    same draws from the generator, so that views rendered after it are the same."""
+    cam = random_camera(np.random.default_rng(5), radius=bounding_radius(spot))
+    shaded_rng, flat_rng = np.random.default_rng(6), np.random.default_rng(6)
+    shaded, flat = render(spot, cam, shaded_rng), render_flat(spot, cam, flat_rng)
+    np.testing.assert_array_equal(flat[..., 3], shaded[..., 3])
+    covered = flat[..., 3] > 0
+    assert len(np.unique(flat[covered][:, :3], axis=0)) == 1 and not flat[~covered][:, :3].any()
+    assert shaded_rng.uniform() == flat_rng.uniform()
+    a, b = (render_views(spot, 3, np.random.default_rng(7), size=64, shaded=s) for s in (True, False))
+    assert [c for _, c in a] == [c for _, c in b]
+    assert all(np.array_equal(x[..., 3], y[..., 3]) for (x, _), (y, _) in zip(a, b))
 
 
 def test_random_camera_ranges():
