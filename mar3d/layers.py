@@ -11,15 +11,24 @@ import torch.nn.functional as F
 
 
 class FourierEmbed(nn.Module):
-    """γ(p) = [p, sin(π 2^k p), cos(π 2^k p)] for k = 0 … num_freqs−1 (per coordinate)."""
+    """γ(p) = [p, sin(π 2^k p), cos(π 2^k p)] for k = 0 … num_freqs−1 (per coordinate).
 
-    def __init__(self, num_freqs: int):
+    blur σ > 0: the expectation of γ(p + ε) for ε ~ N(0, σ² I) instead (Mip-NeRF's integrated
+    positional encoding): each sin and cos of frequency ω scaled by exp(−ω²σ²/2), so octaves finer
+    than about σ fade and the coarse ones stay."""
+
+    def __init__(self, num_freqs: int, blur: float = 0.0):
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs), persistent=False)
+        freqs = math.pi * 2.0 ** torch.arange(num_freqs)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("gain", torch.exp(-(freqs * blur) ** 2 / 2).repeat(3), persistent=False)
+        self.blur = blur
         self.out_dim = 3 * (2 * num_freqs + 1)
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
-        angles = (xyz[..., None] * self.freqs).flatten(-2)  # (..., 3F)
+        angles = (xyz[..., None] * self.freqs).flatten(-2)  # (..., 3F): coordinate-major
+        if self.blur:
+            return torch.cat([xyz, angles.sin() * self.gain, angles.cos() * self.gain], dim=-1)
         return torch.cat([xyz, angles.sin(), angles.cos()], dim=-1)  # (..., 3(2F+1))
 
 
