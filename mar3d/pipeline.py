@@ -51,6 +51,11 @@ class Settings:
     diffusion_steps: int = 50       # respaced steps of the diffusion head (1000 in training)
     cond_aug_t: float = 0.5         # MAR-HR's noise level on its LR-token condition
     resolution: int = 128           # marching-cubes cells per axis
+    # decoding: the occupancy queries' Fourier features averaged over a Gaussian jitter of this σ
+    # (PyramidVAE.occupancy_fn), which damps the finest octave's ripples (period 0.0625: horizontal
+    # stripes). Pilot Q1 (model card), validation: 0.01 level in F@0.05 with the slab share and the
+    # normal consistency better; 0.02 and 0.03 smoother still, and lower in F
+    query_blur: float = 0.01
     target_faces: int = 0           # 0 = keep all faces
     colour: bool = True             # paint the HR mesh's vertices from the picture (mar3d.colour)
     rerank: bool = True             # re-rank the reference candidates, for an index that can (mar3d.retrieval)
@@ -81,7 +86,7 @@ class Settings:
             bad("background", f"one of {BACKGROUND_MODES}")
         for name, lo, hi in (("foreground_ratio", 0.1, 1.0), ("cfg_lr", 0.0, None), ("cfg_hr", 0.0, None),
                              ("temperature", 0.0, None), ("cond_aug_t", 0.0, 1.0),
-                             ("residual_scale", 0.0, 1.0)):
+                             ("residual_scale", 0.0, 1.0), ("query_blur", 0.0, 0.1)):
             v = getattr(self, name)
             if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < lo
                     or (hi is not None and v > hi)):
@@ -266,7 +271,7 @@ class MAR3DPipeline:
         """Mesh of the VAE occupancy field of `latents` (1, M, C) at `resolution` (default the
         settings'), carved to `outline` (the input's camera and object mask, mar3d.carve) if given;
         raises ExtractionError if empty."""
-        decode = self.vae.occupancy_fn(latents)
+        decode = self.vae.occupancy_fn(latents, blur=s.query_blur)
         if outline is not None:
             decode = carve(decode, *outline, dilation=s.carve_dilation)
         mesh, _ = extract_mesh(decode, resolution=resolution or s.resolution, target_faces=s.target_faces or None)

@@ -40,9 +40,6 @@ class VAEConfig:
                               # is the same slot on every shape and the tokens vary smoothly with the shape
     latent_shrink: float = 0.0  # training only: first pull the latents towards their channel means by a factor
                                 # a ~ U(1 − latent_shrink, 1), as a regression towards the mean does (0 = off)
-    query_blur: float = 0.0   # decoding: each occupancy query's Fourier features are their expectation under a
-                              # Gaussian jitter of the point of this σ (FourierEmbed's blur), which damps the
-                              # ripples of the finest octaves (period 2/2^(num_freqs−1)): pilot Q1, model card
 
     def level_sizes(self, tokens: str) -> list[int]:
         """Point counts of the K levels used for the 'hr' or 'lr' token set."""
@@ -68,7 +65,6 @@ class PyramidVAE(nn.Module):
         self.from_latent = nn.Linear(cfg.latent_dim, D)
         # --------------------------------------------------------------- decoder
         self.decoder = nn.ModuleList(SelfBlock(D, cfg.heads) for _ in range(cfg.dec_layers))
-        self.query_fourier = FourierEmbed(cfg.num_freqs, blur=cfg.query_blur)
         self.query_embed = nn.Linear(self.fourier.out_dim, D)
         self.query_attn = CrossBlock(D, cfg.heads, mlp=False)
         self.out_norm = nn.LayerNorm(D)
@@ -126,21 +122,27 @@ class PyramidVAE(nn.Module):
             x = block(x)
         return x
 
-    def query(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """Occupancy logits (B, Q) at points (B, Q, 3); positive inside."""
-        q = self.query_embed(self.query_fourier(points))  # (B, Q, D)
+    def query(self, features: torch.Tensor, points: torch.Tensor, fourier: FourierEmbed | None = None) -> torch.Tensor:
+        """Occupancy logits (B, Q) at points (B, Q, 3); positive inside. `fourier`: another embedding
+        of the query points than the trained one (a blurred one: `occupancy_fn`)."""
+        q = self.query_embed((fourier or self.fourier)(points))  # (B, Q, D)
         q = self.query_attn(q, features)
         return self.to_logit(self.out_norm(q)).squeeze(-1)
 
-    def occupancy_fn(self, latents: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A decode function for mesh extraction: points (Q, 3) → logits (Q,), for one shape."""
+    def occupancy_fn(self, latents: torch.Tensor, blur: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A decode function for mesh extraction: points (Q, 3) → logits (Q,), for one shape.
+
+        blur σ > 0: each query's Fourier features are their expectation under a Gaussian jitter of
+        the point of that σ (`FourierEmbed`'s blur), a decoding choice that damps the ripples of the
+        finest octaves (period 2 / 2^(num_freqs − 1)) and leaves the weights as trained (pilot Q1)."""
         assert latents.shape[0] == 1, "occupancy_fn takes the latents of one shape"
         with torch.no_grad():
             features = self.decode(latents)
+        fourier = FourierEmbed(self.cfg.num_freqs, blur).to(features.device) if blur else None
 
         @torch.no_grad()
         def decode_fn(points: torch.Tensor) -> torch.Tensor:
-            return self.query(features, points.to(features)[None])[0].float()
+            return self.query(features, points.to(features)[None], fourier)[0].float()
 
         return decode_fn
 
