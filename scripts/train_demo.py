@@ -658,8 +658,9 @@ def stage_eval_vae(r: Recipe, work: Path, out: Path) -> None:
 
 
 def vae_reconstructions(r: Recipe, vae, work: Path, shapes: list[Path], ev: Path) -> None:
-    """Each prepared shape's VAE reconstruction from its HR tokens → <ev>/vae, with its ground truth
-    as prepared (<ev>/gt_shape) and turned into view 0's frame (<ev>/gt_view). Resumable."""
+    """Each prepared shape's VAE reconstruction from its HR tokens → <ev>/vae, decoded as the pipeline
+    decodes, with its ground truth as prepared (<ev>/gt_shape) and turned into view 0's frame
+    (<ev>/gt_view). Resumable (a reconstruction made before stop 34 was decoded without the blur)."""
     from mar3d.extract import ExtractionError
 
     for d in ("vae", "gt_shape", "gt_view"):
@@ -673,8 +674,9 @@ def vae_reconstructions(r: Recipe, vae, work: Path, shapes: list[Path], ev: Path
         if (ev / "vae" / name).exists():
             continue
         latents = vae.encode(torch.from_numpy(np.load(npz)["surface"][None]).float().to(r.device), "hr")
-        try:
-            mesh, _ = extract_mesh(vae.occupancy_fn(latents), resolution=eval_settings().resolution)
+        try:  # decoded as the pipeline decodes (its resolution and query blur)
+            settings = eval_settings()
+            mesh, _ = extract_mesh(vae.occupancy_fn(latents, blur=settings.query_blur), resolution=settings.resolution)
             mesh.export(ev / "vae" / name)
         except ExtractionError:
             pass  # no mesh: mar3d.evaluate counts it as a failure
