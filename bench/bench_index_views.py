@@ -4,10 +4,10 @@
     python bench/bench_index_views.py [--shapes 2] [--views 16] [--number 3100]
 
 For `--shapes` shapes of every family (numbers from `--number`: index-only numbers, never trained
-on), one thread: seconds per shape to make the mesh (`procedural_mesh`), to render its `--views`
-views shaded (`render`, what the cache's condition images are) and flat (`render_flat`, pilot S14:
-the same coverage, one colour), to cut out and pool them into 64² masks (`preprocess_image`,
-`silhouettes`) and to make its FPS surface points; the flat / shaded ratio of the renders and of
+on), one thread: seconds per shape to make the mesh (`procedural_mesh`), its `--views` masks with
+the views rendered shaded (`render`, what the cache's condition images are) and flat (`render_flat`,
+pilot S14: the same coverage, one colour), each through the stage's own `index_views` (render, cut
+out, pool into 64² masks), and its FPS surface points; the flat / shaded ratio of the views and of
 the whole shape; and how far the flat masks are from the shaded ones (IoU per view). Interleaved,
 so a busy machine slows both alike. Prints a markdown table and the machine.
 """
@@ -21,22 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from mar3d.preprocess import preprocess_image  # noqa: E402
-from mar3d.render import render_views  # noqa: E402
-from mar3d.retrieval import procedural_mesh, procedural_surface, silhouettes  # noqa: E402
+from mar3d.retrieval import procedural_mesh, procedural_surface  # noqa: E402
 from mar3d.shapes import FAMILIES  # noqa: E402
-from train_demo import SURFACE_RECIPE, shape_seed  # noqa: E402
-
-
-def masks(views) -> torch.Tensor:
-    images = [np.asarray(preprocess_image(Image.fromarray(rgba), "auto", 0.85, size=128).image) for rgba, _ in views]
-    return silhouettes(torch.from_numpy(np.stack(images))) > 0.5
+from train_demo import SURFACE_RECIPE, index_views  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +38,7 @@ def main() -> None:
     p.add_argument("--number", type=int, default=3100, help="the first shape number of each family")
     args = p.parse_args()
     torch.set_num_threads(1)
-    seconds = dict.fromkeys(("mesh", "shaded", "flat", "masks", "surface"), 0.0)
+    seconds = dict.fromkeys(("mesh", "shaded", "flat", "surface"), 0.0)
     ious, count = [], 0
 
     def timed(key, fn):
@@ -62,16 +54,13 @@ def main() -> None:
                 mesh = timed("mesh", lambda: procedural_mesh(name, SURFACE_RECIPE))
             except ValueError:  # the generator rejects it, as the index stage skips it
                 continue
-            rng = lambda: np.random.default_rng(shape_seed(name) + 2)  # noqa: E731 (the stage's draws)
-            shaded = timed("shaded", lambda: render_views(mesh, args.views, rng(), shaded=True))
-            flat = timed("flat", lambda: render_views(mesh, args.views, rng(), shaded=False))
-            a = timed("masks", lambda: masks(shaded))
-            b = masks(flat)
+            a = timed("shaded", lambda: index_views(mesh, name, args.views, 128, 128, True)[0].flatten(1))
+            b = timed("flat", lambda: index_views(mesh, name, args.views, 128, 128, False)[0].flatten(1))
             ious += ((a & b).sum(1) / (a | b).sum(1).clamp_min(1)).tolist()
             timed("surface", lambda: procedural_surface(name, 1024, SURFACE_RECIPE, mesh=mesh))
             count += 1
     per = {k: v / count for k, v in seconds.items()}
-    common = per["mesh"] + per["masks"] + per["surface"]
+    common = per["mesh"] + per["surface"]
     print(f"machine: {platform.machine()} {platform.processor() or ''}, CPUs {os.cpu_count()}, torch "
           f"{torch.__version__}, one thread, python {platform.python_version()}; {count} shapes of "
           f"{len(FAMILIES)} families, {args.views} views of 128² (2×2 rays a pixel) each\n")
@@ -80,7 +69,7 @@ def main() -> None:
         print(f"| {key} | {per[key]:.3f} |")
     print(f"| a shape, shaded views | {common + per['shaded']:.3f} |")
     print(f"| a shape, flat views | {common + per['flat']:.3f} |")
-    print(f"\nflat / shaded: renders {per['flat'] / per['shaded']:.2f}, whole shape "
+    print(f"\nflat / shaded: views {per['flat'] / per['shaded']:.2f}, whole shape "
           f"{(common + per['flat']) / (common + per['shaded']):.2f}; flat masks against shaded: IoU mean "
           f"{np.mean(ious):.4f}, worst {np.min(ious):.4f}, {np.mean(np.array(ious) == 1):.1%} of views identical")
 

@@ -21,15 +21,13 @@ class FourierEmbed(nn.Module):
         super().__init__()
         freqs = math.pi * 2.0 ** torch.arange(num_freqs)
         self.register_buffer("freqs", freqs, persistent=False)
+        # one gain per (coordinate, octave), as `angles` are laid out; exactly 1 without blur
         self.register_buffer("gain", torch.exp(-(freqs * blur) ** 2 / 2).repeat(3), persistent=False)
-        self.blur = blur
         self.out_dim = 3 * (2 * num_freqs + 1)
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
         angles = (xyz[..., None] * self.freqs).flatten(-2)  # (..., 3F): coordinate-major
-        if self.blur:
-            return torch.cat([xyz, angles.sin() * self.gain, angles.cos() * self.gain], dim=-1)
-        return torch.cat([xyz, angles.sin(), angles.cos()], dim=-1)  # (..., 3(2F+1))
+        return torch.cat([xyz, angles.sin() * self.gain, angles.cos() * self.gain], dim=-1)  # (..., 3(2F+1))
 
 
 class Attention(nn.Module):

@@ -663,6 +663,7 @@ def vae_reconstructions(r: Recipe, vae, work: Path, shapes: list[Path], ev: Path
     (<ev>/gt_view). Resumable (a reconstruction made before stop 34 was decoded without the blur)."""
     from mar3d.extract import ExtractionError
 
+    settings = eval_settings()  # decoded as the pipeline decodes: its resolution and query blur
     for d in ("vae", "gt_shape", "gt_view"):
         (ev / d).mkdir(parents=True, exist_ok=True)
     for npz in shapes:
@@ -674,8 +675,7 @@ def vae_reconstructions(r: Recipe, vae, work: Path, shapes: list[Path], ev: Path
         if (ev / "vae" / name).exists():
             continue
         latents = vae.encode(torch.from_numpy(np.load(npz)["surface"][None]).float().to(r.device), "hr")
-        try:  # decoded as the pipeline decodes (its resolution and query blur)
-            settings = eval_settings()
+        try:
             mesh, _ = extract_mesh(vae.occupancy_fn(latents, blur=settings.query_blur), resolution=settings.resolution)
             mesh.export(ev / "vae" / name)
         except ExtractionError:
