@@ -68,6 +68,8 @@ class TrainConfig:
                                  # vae: the VAE to start from (fine-tuning)
     init_encoder: str = ""       # MAR: directory of a pretrained `recon`; MAR takes its image encoder, frozen
     init_from: str = ""          # MAR: directory of a trained MAR of this task to start from (fine-tuning: pilot MR)
+    decoder_only: bool = False   # vae fine-tuning (vae_dir): train the decoder alone, so that the encoder's tokens
+                                 # (the cache, the MARs trained on it, the index's lookups) stay valid (pilot D2)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -128,18 +130,29 @@ class VAETask:
 
     def build_model(self) -> PyramidVAE:
         model = PyramidVAE(self.model_cfg)
+        if self.cfg.decoder_only and not self.cfg.vae_dir:
+            raise ValueError("decoder_only fine-tunes a trained VAE's decoder: give vae_dir")
         if not self.cfg.vae_dir:
             return model
         # fine-tune: start from this VAE's weights (its config may differ in training knobs, or in its queries)
         start = load_model(self.cfg.vae_dir, "vae")
         missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-        if unexpected or set(missing) - {"hr_queries", "lr_queries"}:
+        grown = {k for k in missing if k.startswith("decoder.") and int(k.split(".")[1]) >= start.cfg.dec_layers}
+        if unexpected or set(missing) - {"hr_queries", "lr_queries"} - grown:
             raise ValueError(f"{self.cfg.vae_dir}: not a VAE to fine-tune from (missing {missing}, unexpected {unexpected})")
-        if missing:  # FPS queries → learned ones: query i starts at anchor i of the training shapes' query points
+        for block in model.decoder[start.cfg.dec_layers:]:  # decoder layers added (pilot D2) start as the identity
+            for out in (block.attn.proj, block.mlp[-1]):
+                torch.nn.init.zeros_(out.weight)
+                torch.nn.init.zeros_(out.bias)
+        if set(missing) - grown:  # FPS queries → learned ones: query i starts at anchor i of the training shapes' query points
             from .token_order import fit_anchors
 
             queries = self.train.surface[:, : self.model_cfg.hr_tokens, :3].numpy()
             model.place_queries(fit_anchors(queries), fit_anchors(queries[:, : self.model_cfg.lr_tokens]))
+        if self.cfg.decoder_only:  # no gradient reaches the encoder, and AdamW leaves it untouched
+            model.requires_grad_(False)
+            for part in DECODER_PARTS:
+                getattr(model, part).requires_grad_(True)
         return model
 
     def loss(self, model, step: int, batch_size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, dict]:

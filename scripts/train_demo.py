@@ -76,6 +76,11 @@ class Recipe:
     vae_steps: int = 5500
     vae_batch: int = 32
     vae_lr: float = 1e-3
+    # then the VAE's decoder alone trained on, the encoder frozen so every token stays as it was,
+    # with `vae_tune_layers` more decoder self-attention layers that start as the identity (pilot D2)
+    vae_tune_steps: int = 0
+    vae_tune_layers: int = 0
+    vae_tune_lr: float = 3e-4
     mar_lr_steps: int = 800
     mar_hr_steps: int = 600
     mar_batch: int = 32
@@ -293,6 +298,28 @@ def stage_mar_tune(r: Recipe, work: Path, out: Path, task: str, threads: int = 0
     tuned = load_model(work / "tune", task)
     save_model(tuned, out, task, metadata={**read_header(work / "tune", task)["metadata"], "tune_steps": steps},
                half=True)
+    done(**last)
+
+
+def stage_vae_tune(r: Recipe, work: Path, out: Path, threads: int = 0) -> None:
+    """The trained VAE's decoder trained on alone (pilot D2): under <work>/vae_tune (resumable), then
+    written over `out`'s VAE. The encoder is frozen, so the cache, the index and the MARs, which all
+    hold or read its tokens, need nothing redone. Skipped once `out` holds the tuned VAE."""
+    from mar3d.checkpoint import read_header, save_model
+
+    done = timed_stage(work, "vae_tune")
+    if not r.vae_tune_steps:
+        return done(skipped=True)
+    if read_header(out, "vae")["metadata"].get("tune_steps") == r.vae_tune_steps:
+        return done(skipped=True)
+    cfg = TrainConfig(steps=r.vae_tune_steps, batch_size=r.vae_batch, lr=r.vae_tune_lr, min_lr=r.vae_tune_lr / 10,
+                      augment_yaw=True, val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
+                      threads=threads, vae_dir=str(out), decoder_only=True)
+    preset = VAE_PRESETS["tiny"]
+    last = train("vae", dataclasses.replace(preset, dec_layers=preset.dec_layers + r.vae_tune_layers), cfg,
+                 work / "prepared", work / "vae_tune")
+    save_model(load_model(work / "vae_tune", "vae"), out, "vae",
+               metadata={**read_header(work / "vae_tune", "vae")["metadata"], "tune_steps": r.vae_tune_steps})
     done(**last)
 
 
@@ -751,7 +778,7 @@ def eval_settings():
     return Settings(seed=0, lr_mesh=False, colour=False)
 
 
-STAGES = ("shapes", "prepare", "render", "vae", "eval_vae", "unseen", "cache", "reference", "recon", "occ", "mar_lr",
+STAGES = ("shapes", "prepare", "render", "vae", "vae_tune", "eval_vae", "unseen", "cache", "reference", "recon", "occ", "mar_lr",
           "mar_hr", "mar_references", "mar_tune", "rerank", "eval_image")
 
 
@@ -805,6 +832,8 @@ def main(argv=None) -> None:
             train_mar_parallel(recipe, work, out, stage_mar_tune)
         elif stage == "rerank":
             stage_rerank(recipe, work, out)
+        elif stage == "vae_tune":
+            stage_vae_tune(recipe, work, out)
         elif stage == "eval_vae":
             stage_eval_vae(recipe, work, out)
         elif stage == "unseen":

@@ -57,6 +57,38 @@ def test_resume_repeats_uninterrupted_run(synthetic_data, tmp_path):
     assert steps == sorted(steps)  # no duplicated records after the resume
 
 
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_grows_the_decoder_from_the_identity(synthetic_data, tmp_path):
+    """Pilot D2: a trained VAE's decoder fine-tuned alone, with two decoder layers added. The grown
+    VAE decodes exactly as its start before any step; after training, every encoder weight (so every
+    token the cache, the MARs and the index hold) is bit-identical and the decoder has moved."""
+    from mar3d.train import DECODER_PARTS, VAETask
+
+    train("vae", MICRO, FAST, synthetic_data, tmp_path / "start")
+    start = load_model(tmp_path / "start", "vae").eval()
+    grown_cfg = dataclasses.replace(MICRO, dec_layers=MICRO.dec_layers + 2)
+    tune = dataclasses.replace(FAST, vae_dir=str(tmp_path / "start"), decoder_only=True, lr=3e-3)
+    grown = VAETask(grown_cfg, tune, str(synthetic_data)).build_model().eval()
+    surface = torch.from_numpy(VAETask(MICRO, FAST, str(synthetic_data)).train.surface[:2].numpy()).float()
+    points = torch.rand(2, 300, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        before = start.query(start.decode(start.encode(surface)), points)
+        assert torch.equal(grown.query(grown.decode(grown.encode(surface)), points), before)
+
+    train("vae", grown_cfg, tune, synthetic_data, tmp_path / "tuned")
+    tuned = load_model(tmp_path / "tuned", "vae").eval()
+    assert tuned.cfg.dec_layers == MICRO.dec_layers + 2
+    after = tuned.state_dict()
+    decoder = {name for name in after if name.split(".")[0] in DECODER_PARTS}
+    for name, weight in start.state_dict().items():
+        if name not in decoder:
+            assert torch.equal(after[name], weight), f"encoder weight {name} changed"
+    assert any(not torch.equal(after[name], weight) for name, weight in start.state_dict().items() if name in decoder)
+    assert any(k.startswith(f"decoder.{MICRO.dec_layers}.") and not torch.equal(v, grown.state_dict()[k])
+                         for k, v in after.items())
+    with torch.no_grad():
+        assert torch.equal(tuned.encode(surface), start.encode(surface))
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_stay_identical(synthetic_data, tmp_path):
     sets = [f"{f.name}={getattr(MICRO, f.name)}" for f in dataclasses.fields(MICRO)]

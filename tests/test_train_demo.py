@@ -94,3 +94,31 @@ def test_index_only_families_stay_out_of_training(tmp_path, monkeypatch):
     assert set(train_demo.training_families(train_demo.Recipe(index_only_families=""))) == set(FAMILIES)
     with pytest.raises(ValueError, match="plushy"):
         train_demo.training_families(train_demo.Recipe(index_only_families="plush,plushy"))
+
+
+def test_vae_tune_trains_the_decoder_alone_once(tmp_path, synthetic_data):
+    """Stage vae_tune (pilot D2) writes over the VAE in `out` one with more decoder layers and the
+    very same encoder (so the cache and the index stay valid), and is skipped when run again."""
+    import torch
+
+    from mar3d.checkpoint import load_model, read_header
+    from mar3d.vae import PRESETS
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "prepared").symlink_to(synthetic_data)
+    start = PyramidVAE(PRESETS["tiny"]).eval()
+    save_model(start, out, "vae")
+    r = train_demo.Recipe(vae_tune_steps=3, vae_tune_layers=1, vae_batch=2)
+    train_demo.stage_vae_tune(r, work, out, threads=1)
+    tuned = load_model(out, "vae").eval()
+    assert tuned.cfg.dec_layers == PRESETS["tiny"].dec_layers + 1
+    assert read_header(out, "vae")["metadata"]["tune_steps"] == 3
+    surface = torch.from_numpy(np.load(sorted(synthetic_data.glob("*.npz"))[0])["surface"][:1024]).float()[None]
+    with torch.no_grad():
+        assert torch.equal(tuned.encode(surface), start.encode(surface))
+    before = (out / "vae.safetensors").read_bytes()
+    train_demo.stage_vae_tune(r, work, out, threads=1)
+    assert (out / "vae.safetensors").read_bytes() == before
+    stages = [json.loads(line) for line in (work / "stages.jsonl").read_text().splitlines()]
+    assert [s.get("skipped", False) for s in stages] == [False, True]
