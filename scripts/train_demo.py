@@ -319,8 +319,8 @@ def stage_vae_tune(r: Recipe, work: Path, out: Path, threads: int = 0) -> None:
     cfg = TrainConfig(steps=r.vae_tune_steps, batch_size=r.vae_batch, lr=r.vae_tune_lr, min_lr=r.vae_tune_lr / 10,
                       augment_yaw=True, val_percent=left_out(r), device=r.device, eval_every=500, save_every=250,
                       threads=threads, vae_dir=str(out), decoder_only=True)
-    preset = VAE_PRESETS["tiny"]
-    tuned = dataclasses.replace(preset, dec_layers=preset.dec_layers + r.vae_tune_layers, latent_noise=r.vae_tune_noise)
+    base = load_model(out, "vae").cfg  # the trained VAE's own config, whatever it was trained with
+    tuned = dataclasses.replace(base, dec_layers=base.dec_layers + r.vae_tune_layers, latent_noise=r.vae_tune_noise)
     last = train("vae", tuned, cfg, work / "prepared", work / "vae_tune")
     save_model(load_model(work / "vae_tune", "vae"), out, "vae",
                metadata={**read_header(work / "vae_tune", "vae")["metadata"], "tune_steps": r.vae_tune_steps})

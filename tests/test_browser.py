@@ -30,6 +30,7 @@ import app
 from mar3d.pipeline import MAR3DPipeline
 from mar3d.preprocess import DEFAULT_REMBG_MODEL
 from tests.conftest import REAL_REMBG_HOME
+
 REPO = Path(__file__).resolve().parents[1]
 CHAIR = REPO / "assets" / "instantmesh_chair_wood.jpg"  # a photo without alpha (assets/README.md)
 HR_STEPS = 128

@@ -84,7 +84,7 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_and_grows_the_decoder_from_t
             assert torch.equal(after[name], weight), f"encoder weight {name} changed"
     assert any(not torch.equal(after[name], weight) for name, weight in start.state_dict().items() if name in decoder)
     assert any(k.startswith(f"decoder.{MICRO.dec_layers}.") and not torch.equal(v, grown.state_dict()[k])
-                         for k, v in after.items())
+               for k, v in after.items())
     with torch.no_grad():
         assert torch.equal(tuned.encode(surface), start.encode(surface))
 
